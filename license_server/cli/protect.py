@@ -1,0 +1,240 @@
+"""``layerlock protect``: lock a model (or a directory of models) and hand its data key to the server.
+
+The data key is the one secret of a protected model, so the command never prints it and never
+writes it in plaintext, except through the explicit ``--data-key-out`` testing hook.  Exactly one
+destination must be chosen: sealed to the server's intake key (``--intake-key``), sealed and
+uploaded (``--register``), or raw for local tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from shared.errors import ConfigError, InvalidInput, LayerlockError
+from shared.keys import b64u_decode, ensure_private_dir, write_secret_file, x25519_public
+from shared.lockfile import ProtectResult
+from shared.protect import Outcome, protect_path
+from shared.selection import LockPolicy
+from shared.wrap import seal_for_server
+
+HTTP_TIMEOUT_S = 30
+
+
+def load_intake_key(path: Path) -> x25519.X25519PublicKey:
+    """The server's X25519 intake public key: PEM, or the raw 32 bytes as base64url text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read intake key {path}: {exc.strerror}") from None
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError:
+            raise ConfigError(f"{path} is not a valid PEM public key") from None
+        if not isinstance(key, x25519.X25519PublicKey):
+            raise ConfigError(f"{path} is not an X25519 public key")
+        return key
+    try:
+        raw = b64u_decode(data.decode("ascii").strip(), field="intake key")
+    except (UnicodeDecodeError, InvalidInput):
+        raise ConfigError(f"{path} is neither PEM nor a base64url X25519 public key") from None
+    try:
+        return x25519_public(raw, field=f"intake key in {path}")
+    except InvalidInput as exc:
+        raise ConfigError(exc.message) from None
+
+
+class _Registrar:
+    """``--register``: fetch the intake key once, then seal + upload each model's data key."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        import requests
+
+        self.url, self.session = url.rstrip("/"), requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {api_key}"
+        body = self._call("GET", "/v1/intake-key", "fetching the intake key")
+        pub = body.get("intake_pub") if isinstance(body, dict) else None
+        if not isinstance(pub, str):
+            raise ConfigError(f"{self.url}/v1/intake-key did not return an intake_pub")
+        self.intake = x25519_public(b64u_decode(pub, field="intake_pub"), field="intake_pub")
+
+    def _call(self, method: str, path: str, what: str, payload: Any = None) -> Any:
+        import requests
+
+        try:
+            reply = self.session.request(method, self.url + path, json=payload, timeout=HTTP_TIMEOUT_S)
+        except requests.RequestException as exc:
+            raise ConfigError(f"{what}: cannot reach {self.url}: {type(exc).__name__}") from None
+        try:
+            body = reply.json()
+        except ValueError:
+            body = None
+        if not 200 <= reply.status_code < 300:
+            message = body.get("message") if isinstance(body, dict) else None
+            raise LayerlockError(f"{what} failed (HTTP {reply.status_code}): {message or reply.reason}",
+                                 code="registration_failed")
+        return body
+
+    def register(self, result: ProtectResult, doc: dict[str, object], name: str, version: str) -> None:
+        payload = {"model_id": result.model_id, "name": name, "version": version, "sealed_key": doc}
+        self._call("POST", "/v1/models", f"registering model {result.model_id}", payload)
+
+
+def _sink(intake_key: Path | None, register: str | None, api_key: str | None, data_key_out: Path | None,
+          is_dir: bool, name: str | None, version: str) -> tuple[Callable[[ProtectResult], None], dict[Path, str]]:
+    """The ``on_result`` callback that disposes of each data key, and where each one went."""
+    where: dict[Path, str] = {}
+    if data_key_out is not None:
+        if is_dir:
+            ensure_private_dir(data_key_out)
+
+        elif data_key_out.is_dir() or not data_key_out.parent.is_dir():
+            raise ConfigError(f"--data-key-out {data_key_out}: not a file path in an existing directory")
+
+        def raw(result: ProtectResult) -> None:
+            target = data_key_out / f"{result.model_id}.key" if is_dir else data_key_out
+            with _or_discard(result):
+                write_secret_file(target, result.data_key)
+            where[result.source] = f"raw key in {target} (TESTING ONLY)"
+        return raw, where
+
+    intake = load_intake_key(intake_key) if intake_key is not None else None
+    registrar = _Registrar(register, api_key or "") if register is not None else None
+
+    def sealed(result: ProtectResult) -> None:
+        target = registrar.intake if registrar is not None else intake
+        assert target is not None
+        doc = seal_for_server(result.data_key, target, result.model_id)
+        path = result.bundle_path.with_name(result.bundle_path.name[:-len(".llk")] + ".key.sealed")
+        with _or_discard(result):
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+        where[result.source] = f"sealed in {path}"
+        if registrar is not None:
+            registrar.register(result, doc, (name if not is_dir and name else result.source.stem), version)
+            where[result.source] = f"registered at {registrar.url} (copy sealed in {path})"
+    return sealed, where
+
+
+@contextlib.contextmanager
+def _or_discard(result: ProtectResult) -> Iterator[None]:
+    """If the data key cannot be stored, the outputs are useless: remove them, then fail."""
+    try:
+        yield
+    except BaseException:
+        result.locked_path.unlink(missing_ok=True)
+        result.bundle_path.unlink(missing_ok=True)
+        raise
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write outputs (default: next to each input; a directory tree is mirrored).")
+@click.option("--model-id", help="Model id for a single file (default: file stem + random suffix).")
+@click.option("--layers", metavar="START:COUNT",
+              help="Lock COUNT layers from layer START (layers = tensor name prefixes, natural order).")
+@click.option("--pattern", "patterns", multiple=True, metavar="GLOB",
+              help="Also lock tensors whose name matches GLOB (fnmatch; repeatable).")
+@click.option("--intake-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Seal the data key to this server intake public key (intake.pub) -> NAME.key.sealed.")
+@click.option("--register", metavar="URL", help="Seal the data key and register the model at this server.")
+@click.option("--api-key", envvar="LAYERLOCK_API_KEY", help="API key for --register [env: LAYERLOCK_API_KEY].")
+@click.option("--data-key-out", type=click.Path(path_type=Path),
+              help="FOR TESTING ONLY: write the raw data key to this file (mode 0600; a directory "
+                   "of MODEL_ID.key files when PATH is a directory).")
+@click.option("--name", help="Display name sent with --register (default: file stem).")
+@click.option("--version", "model_version", default="1", show_default=True, help="Version sent with --register.")
+@click.option("--force", is_flag=True, help="Protect a single file again even if its bundle exists (new key).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results instead of text.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (it is also off when stderr is not a TTY).")
+def protect(path: Path, out_dir: Path | None, model_id: str | None, layers: str | None, patterns: tuple[str, ...],
+            intake_key: Path | None, register: str | None, api_key: str | None, data_key_out: Path | None,
+            name: str | None, model_version: str, force: bool, as_json: bool, no_progress: bool) -> None:
+    """Lock a model so a copy is worthless without a license.
+
+    PATH is a .safetensors, .pt/.pth state dict or .onnx file, or a directory scanned for them.
+    Writes NAME.locked.safetensors (or .onnx) -- same tensor names, shapes and dtypes, selected
+    tensors replaced by decoys -- and NAME.llk, the encrypted restoration bundle.  The data key
+    is never printed: choose exactly one of --intake-key, --register or --data-key-out.
+
+    Without --layers/--pattern a default policy locks the first and last weight layers, every
+    other layer between them and, if needed, more layers until at least half the parameters are
+    locked.
+    """
+    chosen = [opt for opt, value in (("--intake-key", intake_key), ("--register", register),
+                                     ("--data-key-out", data_key_out)) if value is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("choose exactly one of --intake-key, --register or --data-key-out "
+                               f"(got {', '.join(chosen) if chosen else 'none'})")
+    if register is not None and not api_key:
+        raise click.UsageError("--register needs --api-key or LAYERLOCK_API_KEY")
+    try:
+        policy = (LockPolicy.parse_layers(layers, patterns) if layers is not None
+                  else LockPolicy(patterns=tuple(patterns)))
+        on_result, where = _sink(intake_key, register, api_key, data_key_out, path.is_dir(), name, model_version)
+        outcomes = protect_path(path, out_dir, model_id=model_id, policy=policy, progress=not no_progress,
+                                force=force, on_result=on_result)
+    except LayerlockError as exc:
+        _fail(exc.message)
+    except OSError as exc:
+        _fail(f"{exc.filename or path}: {exc.strerror}")
+    if as_json:
+        click.echo(json.dumps([_as_dict(o, where) for o in outcomes], indent=2))
+    elif path.is_dir():
+        _table(outcomes)
+    else:
+        _describe(outcomes[0], where)
+    for o in outcomes:
+        if o.status == "error":
+            click.echo(f"error: {o.source}: {o.message}", err=True)
+    if not outcomes and not as_json:
+        click.echo(f"no model files (.safetensors, .pt, .pth, .onnx) under {path}", err=True)
+    if any(o.status == "error" for o in outcomes):
+        sys.exit(1)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _as_dict(o: Outcome, where: dict[Path, str]) -> dict[str, Any]:
+    d: dict[str, Any] = {"source": str(o.source), "status": o.status}
+    if o.result is not None:
+        r = o.result
+        d.update(model_id=r.model_id, format=r.format, locked=str(r.locked_path), bundle=str(r.bundle_path),
+                 locked_tensors=len(r.locked_tensors), locked_params=r.locked_params,
+                 total_params=r.total_params, fraction=round(r.fraction, 6), data_key=where.get(o.source))
+    if o.message:
+        d["message"] = o.message
+    return d
+
+
+def _describe(o: Outcome, where: dict[Path, str]) -> None:
+    r = o.result
+    assert r is not None
+    click.echo(f"protected {r.source} -> {r.locked_path} + {r.bundle_path}")
+    click.echo(f"  model id:  {r.model_id}")
+    click.echo(f"  locked:    {len(r.locked_tensors)} tensors, {r.locked_params:,} of {r.total_params:,} "
+               f"parameters ({100 * r.fraction:.1f}%)")
+    click.echo(f"  data key:  {where.get(r.source, '?')}")
+
+
+def _table(outcomes: list[Outcome]) -> None:
+    rows = [("file", "model id", "locked tensors", "% params", "status")]
+    for o in outcomes:
+        r = o.result
+        rows.append((str(o.source), r.model_id if r else "-", str(len(r.locked_tensors)) if r else "-",
+                     f"{100 * r.fraction:.1f}" if r else "-", o.status if r else f"{o.status}: {o.message}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
