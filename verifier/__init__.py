@@ -1,0 +1,1 @@
+"""The verifier sidecar (customer host) and the client library inference processes import."""

@@ -1,0 +1,209 @@
+"""The daemon's TOML configuration, validated all at once with precise messages.
+
+``check`` and ``run`` share :func:`load_config`, so an operator sees exactly the message the
+daemon would die with — every problem at once, each as ``file: key: what is wrong`` — instead
+of fixing them one restart at a time.  Relative paths are resolved against the config file's
+directory, so a demo directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from shared.activation import MODEL_ID_RE
+from shared.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/layerlock/verifier.toml"
+DEFAULT_STATE_DIR = "/var/lib/layerlock"
+DEFAULT_SOCKET = "/run/layerlock/verifier.sock"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    locked: Path
+    bundle: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server_url: str
+    models: tuple[ModelConfig, ...]
+    ca_bundle: Path | None = None
+    issuer: str = "layerlock"
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    socket: Path = Path(DEFAULT_SOCKET)
+    allowed_uids: frozenset[int] = field(default_factory=lambda: frozenset({os.getuid(), 0}))
+    allowed_gids: frozenset[int] = frozenset()
+    machine_id_file: Path | None = None
+    request_timeout: float = 10.0
+    leeway: int = 60
+    retry_min: float = 2.0
+    retry_max: float = 300.0
+    client_timeout: float = 10.0
+
+
+# key -> (types accepted, description); models are checked separately
+_TOP: dict[str, tuple[tuple[type, ...], str]] = {
+    "server_url": ((str,), "a string (http:// or https:// URL)"),
+    "ca_bundle": ((str,), "a string (path of a PEM CA bundle)"),
+    "issuer": ((str,), "a string"),
+    "state_dir": ((str,), "a string (directory path)"),
+    "socket": ((str,), "a string (socket path)"),
+    "allowed_uids": ((list,), "a list of integers"),
+    "allowed_gids": ((list,), "a list of integers"),
+    "machine_id_file": ((str,), "a string (file path)"),
+    "request_timeout": ((int, float), "a number of seconds"),
+    "leeway": ((int,), "an integer number of seconds"),
+    "retry_min": ((int, float), "a number of seconds"),
+    "retry_max": ((int, float), "a number of seconds"),
+    "client_timeout": ((int, float), "a number of seconds"),
+    "models": ((list,), "an array of tables ([[models]])"),
+}
+_MODEL_KEYS = {"id", "locked", "bundle"}
+
+
+class _Issues:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{self.path}: {key}: {message}")
+
+
+def _typed(issues: _Issues, key: str, value: Any) -> bool:
+    types, what = _TOP[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        issues.add(key, f"must be {what}, got {type(value).__name__}")
+        return False
+    return True
+
+
+def _file(issues: _Issues, base: Path, key: str, value: str) -> Path:
+    path = (base / value).resolve() if not os.path.isabs(value) else Path(value)
+    if not path.is_file():
+        issues.add(key, f"file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    return path
+
+
+def _check_header(issues: _Issues, key: str, model: ModelConfig) -> None:
+    """The bundle must be a layerlock bundle for this very model id (catches swapped paths)."""
+    try:
+        from shared.lockfile import read_header
+    except ImportError:
+        return
+    from shared.errors import LayerlockError
+
+    try:
+        header = read_header(model.bundle)
+    except LayerlockError as exc:
+        issues.add(key, f"{model.bundle} is not a valid bundle ({exc.message})")
+        return
+    except OSError as exc:
+        issues.add(key, f"{model.bundle} cannot be read ({exc.strerror})")
+        return
+    if header.model_id != model.id:
+        issues.add(key, f"{model.bundle} is the bundle of model {header.model_id!r}, not {model.id!r}")
+
+
+def _models(issues: _Issues, base: Path, raw: list[Any]) -> tuple[ModelConfig, ...]:
+    out: list[ModelConfig] = []
+    seen: set[str] = set()
+    if not raw:
+        issues.add("models", "at least one [[models]] entry is required")
+    for i, entry in enumerate(raw):
+        where = f"models[{i}]"
+        if not isinstance(entry, dict):
+            issues.add(where, f"must be a table with id, locked, bundle, got {type(entry).__name__}")
+            continue
+        for unknown in sorted(set(entry) - _MODEL_KEYS):
+            issues.add(f"{where}.{unknown}", "unknown key (expected id, locked, bundle)")
+        ok = True
+        for key in sorted(_MODEL_KEYS):
+            if key not in entry:
+                issues.add(f"{where}.{key}", "is required")
+                ok = False
+            elif not isinstance(entry[key], str):
+                issues.add(f"{where}.{key}", f"must be a string, got {type(entry[key]).__name__}")
+                ok = False
+        if not ok:
+            continue
+        model_id = entry["id"]
+        if not MODEL_ID_RE.match(model_id):
+            issues.add(f"{where}.id", "must be 1-128 letters, digits, '.', '_' or '-'")
+        elif model_id in seen:
+            issues.add(f"{where}.id", f"model {model_id!r} is listed twice")
+        seen.add(model_id)
+        before = len(issues.items)
+        model = ModelConfig(model_id, _file(issues, base, f"{where}.locked", entry["locked"]),
+                            _file(issues, base, f"{where}.bundle", entry["bundle"]))
+        if len(issues.items) == before:
+            _check_header(issues, f"{where}.bundle", model)
+        out.append(model)
+    return tuple(out)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Parse and validate; raise ConfigError listing every problem, one per line."""
+    path = Path(path)
+    issues = _Issues(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    base = path.resolve().parent
+    kwargs: dict[str, Any] = {}
+    for key in sorted(set(raw) - set(_TOP)):
+        issues.add(key, f"unknown key (known: {', '.join(sorted(_TOP))})")
+    for key in ("server_url", "models"):
+        if key not in raw:
+            issues.add(key, "is required")
+    typed = {k: v for k, v in raw.items() if k in _TOP and _typed(issues, k, v)}
+
+    if "server_url" in typed:
+        url = urlparse(typed["server_url"])
+        if url.scheme not in ("http", "https") or not url.netloc:
+            issues.add("server_url", "must be an http:// or https:// URL with a host")
+        kwargs["server_url"] = typed["server_url"].rstrip("/")
+    if "ca_bundle" in typed:
+        kwargs["ca_bundle"] = _file(issues, base, "ca_bundle", typed["ca_bundle"])
+    if "machine_id_file" in typed:
+        kwargs["machine_id_file"] = _file(issues, base, "machine_id_file", typed["machine_id_file"])
+    for key in ("state_dir", "socket"):
+        if key in typed:
+            kwargs[key] = (base / typed[key]).resolve() if not os.path.isabs(typed[key]) else Path(typed[key])
+    if "socket" in kwargs and len(os.fsencode(str(kwargs["socket"]))) > 107:
+        issues.add("socket", "path is longer than the 107 bytes a Unix socket address allows")
+    if "issuer" in typed:
+        if not typed["issuer"]:
+            issues.add("issuer", "must not be empty")
+        kwargs["issuer"] = typed["issuer"]
+    for key in ("allowed_uids", "allowed_gids"):
+        if key in typed:
+            bad = [v for v in typed[key] if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+            if bad:
+                issues.add(key, f"must hold non-negative integers only, got {bad[0]!r}")
+            else:
+                kwargs[key] = frozenset(typed[key])
+    for key in ("request_timeout", "retry_min", "retry_max", "client_timeout", "leeway"):
+        if key in typed:
+            if typed[key] < 0 or (typed[key] == 0 and key != "leeway"):
+                issues.add(key, "must be positive")
+            kwargs[key] = typed[key]
+    if kwargs.get("retry_min", 2.0) > kwargs.get("retry_max", 300.0):
+        issues.add("retry_min", "must not exceed retry_max")
+    models = _models(issues, base, typed["models"]) if "models" in typed else ()
+    if issues.items:
+        raise ConfigError("\n".join(issues.items))
+    return Config(path=path, models=models, **kwargs)

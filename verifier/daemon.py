@@ -1,0 +1,281 @@
+"""The sidecar's lifecycle: activate, unlock, serve, renew, drop.
+
+One thread per configured model runs its activation/renewal loop; the socket server only ever
+reads the slot's state.  The rules, in the order they are applied:
+
+* A token is accepted only through :func:`verifier.unlock.accept_token`.
+* Renewal is due at the token's ``rna`` (about two thirds of its life); failures back off
+  exponentially with jitter, between ``retry_min`` and ``retry_max``.
+* The server *cannot be asked* (network error, timeout, 503): keep serving until ``exp``, then
+  drop.  A model not yet unlocked tries the cached token instead (restart while offline).
+* The server *answers no* with revoked / expired / no_license / machine_inactive /
+  unknown_machine (or another non-transient reason): drop at once, forget the cached token,
+  refuse clients with that reason.  Retries continue slowly, so a re-issued license heals.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.errors import ActivationDenied, ConfigError, LayerlockError, Unavailable
+from shared.machine import machine_code
+from verifier.config import Config, ModelConfig
+from verifier.errors import ModelUnavailable
+from verifier.log import log
+from verifier.memory import SealedModel
+from verifier.state import MachineKeys, StateDir
+from verifier.unlock import accept_token, restore_model
+
+TRANSIENT_DENIALS = frozenset({"rate_limited", "replay", "stale_request"})
+LOCKED, UNLOCKED, REFUSED = "locked", "unlocked", "refused"
+
+
+class Activator(Protocol):
+    def activate(self, machine: str, model_id: str, keys: MachineKeys) -> str: ...
+
+
+Restorer = Callable[[str, Path, Path, bytes], SealedModel]
+
+
+@dataclass
+class Slot:
+    """One configured model and what the daemon currently knows about it."""
+
+    config: ModelConfig
+    state: str = LOCKED
+    reason: str = "activating"
+    message: str = "activation in progress"
+    model: SealedModel | None = None
+    license: str | None = None
+    expires_at: int | None = None
+    renew_at: float = 0.0
+    source: str | None = None
+    failures: int = 0
+    settled: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.config.id, "state": self.state}
+        if self.state != UNLOCKED:
+            out.update(reason=self.reason, message=self.message)
+        if self.model is not None:
+            out.update(format=self.model.format, size=self.model.size, source=self.source,
+                       license=self.license)
+        out.update(expires_at=self.expires_at, renew_at=int(self.renew_at) if self.renew_at else None)
+        return out
+
+
+def resolve_machine(config: Config, state: StateDir) -> str:
+    """This host's machine code; it must be the one the state directory was enrolled as."""
+    record = state.load_machine()
+    source = config.machine_id_file or record.get("machine_id_file")
+    code = machine_code(machine_id_path=source) if source else machine_code()
+    if code != record["machine"]:
+        raise ConfigError(f"this host's machine code {code} is not the enrolled {record['machine']} "
+                          f"(state dir {state.path} copied from another host, or the machine id changed)")
+    return code
+
+
+class Daemon:
+    def __init__(self, config: Config, state: StateDir, server: Activator, *,
+                 restorer: Restorer = restore_model, clock: Callable[[], float] = time.time,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.server = server
+        self.restorer = restorer
+        self.clock = clock
+        self.on_change = on_change or (lambda: None)
+        state.check()
+        self.keys = state.load_keys()
+        self.jwks = state.load_jwks()
+        self.machine = resolve_machine(config, state)
+        self.slots = {m.id: Slot(m) for m in config.models}
+        self.stopping = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        for slot in self.slots.values():
+            thread = threading.Thread(target=self._loop, args=(slot,), name=f"model:{slot.config.id}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """True once every model is unlocked or definitively refused (its first attempt is over)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for slot in self.slots.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not slot.settled.wait(left):
+                return False
+        return True
+
+    def healthy(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for slot in self.slots.values():
+            with slot.lock:
+                if slot.model is not None:
+                    slot.model.drop()
+                    slot.model = None
+
+    def summary(self) -> str:
+        unlocked = sum(1 for s in self.slots.values() if s.state == UNLOCKED)
+        return f"{unlocked}/{len(self.slots)} models unlocked"
+
+    # --- the per-model loop --------------------------------------------------------------------
+    def _loop(self, slot: Slot) -> None:
+        while not self.stopping.is_set():
+            now = self.clock()
+            self._expire(slot, now)
+            if now >= slot.renew_at:
+                try:
+                    self._attempt(slot)
+                except Exception as exc:  # noqa: BLE001 - a bug must not kill the model's loop
+                    log("attempt_failed", level="error", model=slot.config.id, error=type(exc).__name__,
+                        detail=str(exc)[:200])
+                    self._backoff(slot)
+                slot.settled.set()
+                self.on_change()
+                continue
+            wake = slot.renew_at
+            if slot.state == UNLOCKED and slot.expires_at is not None:
+                wake = min(wake, slot.expires_at)
+            with self._wake:
+                self._wake.wait(timeout=max(0.05, min(wake - now, 60.0)))
+
+    def _expire(self, slot: Slot, now: float) -> None:
+        if slot.state == UNLOCKED and slot.expires_at is not None and now >= slot.expires_at:
+            self._drop(slot, "token_expired",
+                       "the token expired before it could be renewed (license server unreachable "
+                       "for longer than the offline grace)", forget=True)
+
+    def _backoff(self, slot: Slot) -> None:
+        slot.failures += 1
+        now = self.clock()
+        base = min(self.config.retry_max, self.config.retry_min * 2 ** (slot.failures - 1))
+        if slot.state == UNLOCKED and slot.expires_at is not None:
+            # Never sleep through the rest of the offline grace: keep a few tries before expiry.
+            base = min(base, max(self.config.retry_min, (slot.expires_at - now) / 2))
+        slot.renew_at = now + base * (0.5 + random.random() / 2)
+
+    def _attempt(self, slot: Slot) -> None:
+        model_id = slot.config.id
+        try:
+            token = self.server.activate(self.machine, model_id, self.keys)
+        except Unavailable as exc:
+            log("server_unreachable", level="warning", model=model_id, detail=exc.message)
+            if slot.state != UNLOCKED:
+                self._from_cache(slot, exc.message)
+            self._backoff(slot)
+            return
+        except ActivationDenied as exc:
+            log("activation_denied", level="warning", model=model_id, reason=exc.code, detail=exc.message)
+            if exc.code in TRANSIENT_DENIALS:
+                if slot.state != UNLOCKED:
+                    self._set(slot, LOCKED, exc.code, exc.message)
+            else:
+                self._drop(slot, exc.code, exc.message or f"the license server denied: {exc.code}",
+                           forget=True)
+            self._backoff(slot)
+            return
+        if self._use_token(slot, token, source="server"):
+            self.state.save_token(model_id, token)
+
+    def _from_cache(self, slot: Slot, why: str) -> None:
+        token = self.state.load_token(slot.config.id)
+        if token is None:
+            if slot.state != REFUSED:  # a refusal keeps its reason (revoked, token_expired) while offline
+                self._set(slot, LOCKED, "server_unreachable",
+                          f"license server unreachable and no cached token ({why})")
+            return
+        if not self._use_token(slot, token, source="cache"):
+            self.state.delete_token(slot.config.id)
+
+    def _use_token(self, slot: Slot, token: str, *, source: str) -> bool:
+        model_id = slot.config.id
+        try:
+            claims, data_key = accept_token(token, keys=self.jwks, kem=self.keys.kem, machine_code=self.machine,
+                                            model_id=model_id, issuer=self.config.issuer,
+                                            leeway=self.config.leeway, now=self.clock())
+            if self.clock() >= claims.exp:
+                raise ModelUnavailable("token_expired", "token has expired")
+            model = slot.model
+            if model is None:
+                started = time.monotonic()
+                model = self.restorer(model_id, slot.config.locked, slot.config.bundle, data_key)
+                log("model_unlocked", model=model_id, source=source, size=model.size, mlocked=model.locked_in_ram,
+                    ms=round((time.monotonic() - started) * 1000, 1))
+            del data_key
+        except LayerlockError as exc:
+            log("token_refused", level="warning", model=model_id, source=source, reason=exc.code,
+                detail=exc.message)
+            if slot.state != UNLOCKED:
+                self._set(slot, REFUSED, exc.code, f"{source} token refused: {exc.message}")
+            self._backoff(slot)
+            return False
+        with slot.lock:
+            slot.model = model
+            slot.state, slot.reason, slot.message = UNLOCKED, "", ""
+            slot.license, slot.expires_at, slot.source = claims.lic, claims.exp, source
+            slot.failures = 0
+            now = self.clock()
+            slot.renew_at = claims.rna if claims.rna > now else now + max(1.0, (claims.exp - now) / 3)
+            if source == "cache":
+                # Offline: keep asking the server on the back-off schedule, not only at rna.
+                self._backoff(slot)
+        log("token_accepted", model=model_id, source=source, license=claims.lic, exp=claims.exp,
+            rna=claims.rna)
+        return True
+
+    def _set(self, slot: Slot, state: str, reason: str, message: str) -> None:
+        with slot.lock:
+            slot.state, slot.reason, slot.message = state, reason, message
+
+    def _drop(self, slot: Slot, reason: str, message: str, *, forget: bool) -> None:
+        with slot.lock:
+            model, slot.model = slot.model, None
+            was = slot.state
+            slot.state, slot.reason, slot.message = REFUSED, reason, message
+            slot.expires_at = None
+            slot.license = None
+        if model is not None:
+            model.drop()
+            log("model_dropped", level="warning", audit=True, model=slot.config.id, reason=reason, was=was)
+        if forget:
+            self.state.delete_token(slot.config.id)
+        self.on_change()
+
+    # --- what the socket server asks -----------------------------------------------------------
+    def model(self, model_id: str) -> SealedModel:
+        slot = self.slots.get(model_id)
+        if slot is None:
+            raise ModelUnavailable("unknown_model", f"model {model_id!r} is not configured on this sidecar")
+        self._expire(slot, self.clock())
+        with slot.lock:
+            if slot.state != UNLOCKED or slot.model is None:
+                raise ModelUnavailable(slot.reason or slot.state, slot.message or f"model is {slot.state}")
+            return slot.model
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [{"model": s.config.id, "state": s.state,
+                 **({"format": s.model.format, "size": s.model.size} if s.model else {})}
+                for s in self.slots.values()]
+
+    def status(self) -> dict[str, Any]:
+        return {"machine": self.machine, "server": self.config.server_url,
+                "models": [s.describe() for s in self.slots.values()]}

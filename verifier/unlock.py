@@ -1,0 +1,43 @@
+"""From a token to a model in memory: accept the token, open ``wk``, restore into a memfd.
+
+:func:`accept_token` is the single gate every token passes — fresh from the server or read from
+the cache: pinned keys and EdDSA only, iss/aud, ``sub`` = our machine code, ``mdl`` = the model,
+nbf/exp with leeway (all in :func:`shared.tokens.verify_token`), and then ``wk`` must open with our
+own X25519 (or hybrid) key under the (license, machine, model) binding.  A token that passes
+all of that could only have been issued to this machine for this model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from shared.errors import WrapError
+from shared.tokens import LicenseClaims, verify_token
+from shared.wrap import MachineKemKeys, binding_info, open_sealed
+from verifier.memory import SealedModel
+
+
+def accept_token(token: str, *, keys: Mapping[str, ed25519.Ed25519PublicKey], kem: MachineKemKeys,
+                 machine_code: str, model_id: str, issuer: str, leeway: int,
+                 now: float | None = None) -> tuple[LicenseClaims, bytes]:
+    """Verify ``token`` and open its data key; raise TokenError / WrapError otherwise."""
+    claims = verify_token(token, keys, machine_code=machine_code, model_id=model_id, issuer=issuer,
+                          leeway=leeway, now=now)
+    data_key = open_sealed(claims.wrapped_key, kem.private_for(claims.suite), claims.suite,
+                           binding_info(claims.lic, machine_code, model_id))
+    if len(data_key) != 32:
+        raise WrapError("wrapped key is not a 256-bit data key")
+    return claims, data_key
+
+
+def restore_model(model_id: str, locked: Path, bundle: Path, data_key: bytes) -> SealedModel:
+    """Restore the original model bytes straight into a sealed memfd (never onto disk)."""
+    from shared.lockfile import read_header, restore_to
+
+    header = read_header(bundle)
+    if header.model_id != model_id:
+        raise WrapError(f"bundle {bundle} belongs to model {header.model_id!r}, not {model_id!r}")
+    return SealedModel(model_id, header.format, lambda out: restore_to(locked, bundle, data_key, out))
