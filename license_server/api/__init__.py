@@ -1,0 +1,1 @@
+"""REST blueprints, one per domain concept; all JSON, all under ``/v1`` except probes."""

@@ -1,0 +1,127 @@
+"""Request helpers shared by the blueprints: strict JSON bodies, typed fields, auth, paging.
+
+Strict because a rejected request must change nothing: every body is fully validated (unknown
+fields refused, types checked) before any Redis write happens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import g, request
+
+from license_server.app import services
+from license_server.store import apikeys
+from shared.errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
+from shared.machine import normalize_code
+
+F = TypeVar("F", bound=Callable[..., Any])
+READERS = ("admin", "operator", "auditor")
+WRITERS = ("admin", "operator")
+
+
+def body(allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
+    """The request body as a JSON object with only ``allowed`` fields and all ``required`` ones."""
+    raw = _raw_body()
+    if not raw:
+        doc: Any = {}
+    else:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    unknown = set(doc) - set(allowed)
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+    missing = [f for f in required if f not in doc]
+    if missing:
+        raise InvalidInput(f"missing field(s): {', '.join(missing)}")
+    return doc
+
+
+def _raw_body() -> bytes:
+    """The body, capped at ``max_body_bytes`` — also for chunked uploads, which carry no length
+    (gunicorn does not mark them ``wsgi.input_terminated``, so werkzeug alone would see none)."""
+    limit = services().config.max_body_bytes
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        return request.get_data(cache=True)
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        data: bytes = request.environ["wsgi.input"].read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        return data
+    return b""
+
+
+def string(doc: dict[str, Any], name: str, default: str | None = None, *, max_len: int = 200) -> str:
+    value = doc.get(name, default)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidInput(f"{name} must be a string of at most {max_len} characters")
+    return value
+
+
+def integer(value: Any, name: str, *, lo: int = 0, hi: int = 2**53) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidInput(f"{name} must be an integer between {lo} and {hi}")
+    return value
+
+
+def labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > 50 or not all(
+            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 64 and len(v) <= 256
+            for k, v in value.items()):
+        raise InvalidInput("labels must be an object of at most 50 string → string pairs")
+    return value
+
+
+def machine_code(text: Any) -> str:
+    return normalize_code(text)
+
+
+def page_args() -> tuple[int, int]:
+    cursor = integer(request.args.get("cursor", "0"), "cursor")
+    limit = integer(request.args.get("limit", "50"), "limit", lo=1, hi=1000)
+    return cursor, limit
+
+
+def client_ip() -> str:
+    if services().config.trust_proxy and request.headers.get("X-Forwarded-For"):
+        return request.headers["X-Forwarded-For"].split(",")[0].strip()
+    return request.remote_addr or "unknown"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def require(*roles: str) -> Callable[[F], F]:
+    """``Authorization: Bearer <api key>``; no/unknown key → 401, wrong role → 403."""
+    def deco(fn: F) -> F:
+        @wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            header = request.headers.get("Authorization", "")
+            scheme, _, secret = header.partition(" ")
+            if scheme.lower() != "bearer" or not secret.strip():
+                raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            svc = services()
+            svc.ensure_bootstrap()
+            rec = apikeys.authenticate(svc.redis, secret.strip())
+            if rec is None:
+                raise Unauthorized("unknown or revoked API key")
+            if rec["role"] not in roles:
+                raise Forbidden(f"role {rec['role']} may not do this (needs {' or '.join(roles)})")
+            g.actor = rec["id"]
+            g.role = rec["role"]
+            return fn(*args, **kwargs)
+        return wrapper  # type: ignore[return-value]
+    return deco

@@ -1,0 +1,91 @@
+"""``/v1/keys``: ops API keys (admin only) and server key rotation (signing key, KEK)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, g
+
+from license_server.api.common import body, page_args, require, string
+from license_server.app import services
+from license_server.keystore import new_api_key
+from license_server.store import apikeys, models, page
+from shared.errors import Conflict, InvalidInput
+
+bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
+
+
+@bp.post("")
+@require("admin")
+def create() -> tuple[dict[str, Any], int]:
+    doc = body({"role", "name"}, required=("role",))
+    role = doc["role"]
+    if role not in apikeys.ROLES:
+        raise InvalidInput(f"role must be one of {', '.join(apikeys.ROLES)}")
+    name = string(doc, "name", "")
+    secret = new_api_key()
+    svc = services()
+    rec = apikeys.create(svc.redis, role, name, secret)
+    svc.audit.append("apikey_created", actor=g.actor, key_id=rec["id"], role=role)
+    return {**apikeys.public_view(rec), "api_key": secret}, 201
+
+
+@bp.get("")
+@require("admin")
+def list_keys() -> dict[str, Any]:
+    cursor, limit = page_args()
+    recs, nxt = page(services().redis, apikeys.ALL, apikeys.key, cursor, limit, lambda r: True)
+    return {"items": [apikeys.public_view(r) for r in recs], "next_cursor": nxt}
+
+
+@bp.post("/<key_id>/revoke")
+@require("admin")
+def revoke(key_id: str) -> dict[str, Any]:
+    body(())
+    svc = services()
+    if key_id == g.actor:
+        raise Conflict("refusing to revoke the key making this request")
+    rec = apikeys.revoke(svc.redis, key_id)
+    svc.audit.append("apikey_revoked", actor=g.actor, key_id=key_id)
+    return apikeys.public_view(rec)
+
+
+@bp.post("/rotate-signing")
+@require("admin")
+def rotate_signing() -> dict[str, Any]:
+    body(())
+    svc = services()
+    result = svc.keys.rotate_signing()
+    svc.audit.append("signing_key_rotated", actor=g.actor, kid=result["kid"])
+    return result
+
+
+@bp.post("/rotate-kek")
+@require("admin")
+def rotate_kek() -> dict[str, Any]:
+    """New KEK; re-wrap every stored data key under it.  Models are not re-protected.
+
+    Old KEK files are kept (a worker that has not yet re-read the key directory may still seal
+    under one for a second); ``unused`` lists those no stored key needs any more, for the
+    operator to shred.
+    """
+    body(())
+    svc = services()
+    new_id = svc.keys.new_kek()
+    rewrapped = 0
+    cursor: int | None = 0
+    while cursor is not None:
+        recs, cursor = page(svc.redis, models.ALL, models.key, cursor, 500, lambda r: r.get("kek_id") != new_id)
+        for rec in recs:
+            for _ in range(10):
+                key = svc.keys.open_data_key(rec["wrapped_key"], rec["kek_id"], rec["model_id"])
+                wrapped, kek_id = svc.keys.seal_data_key(key, rec["model_id"])
+                if models.rewrap(svc.redis, rec["model_id"], rec, wrapped, kek_id):
+                    rewrapped += 1
+                    break
+                rec = models.get(svc.redis, rec["model_id"])
+    in_use = {r.get("kek_id", "") for r in page(svc.redis, models.ALL, models.key, 0, 10**9,
+                                                 lambda r: True)[0]}
+    unused = sorted(set(svc.keys.keys.keks) - in_use - {new_id})
+    svc.audit.append("kek_rotated", actor=g.actor, kek_id=new_id, rewrapped=rewrapped)
+    return {"kek_id": new_id, "rewrapped": rewrapped, "unused": unused}

@@ -1,0 +1,105 @@
+"""``/v1/machines``: register (optionally with the verifier's enrollment code), list, update, deactivate."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, g, request
+
+from license_server.api.common import READERS, WRITERS, body, labels, machine_code, page_args, require, string
+from license_server.app import services
+from license_server.store import dumps, machines, page
+from shared.enrollment import parse_code
+from shared.errors import Conflict, InvalidInput
+
+bp = Blueprint("machines", __name__, url_prefix="/v1/machines")
+
+
+@bp.post("")
+@require(*WRITERS)
+def register() -> tuple[dict[str, Any], int]:
+    doc = body({"machine", "customer", "labels", "enrollment"})
+    enrollment = parse_code(doc["enrollment"]) if "enrollment" in doc else None
+    if "machine" in doc:
+        code = machine_code(doc["machine"])
+    elif enrollment is not None:
+        code = enrollment.machine
+    else:
+        raise InvalidInput("give the machine code (machine) or the enrollment code (enrollment)")
+    if enrollment is not None and enrollment.machine != code:
+        raise InvalidInput("the enrollment code belongs to another machine code")
+    rec = machines.record(code, string(doc, "customer", ""), labels(doc.get("labels", {})), enrollment)
+    svc = services()
+    machines.create(svc.redis, rec)
+    svc.audit.append("machine_registered", actor=g.actor, machine=code, customer=rec["customer"],
+                     enrolled=enrollment is not None)
+    return machines.public_view(rec), 201
+
+
+@bp.get("")
+@require(*READERS)
+def list_machines() -> dict[str, Any]:
+    cursor, limit = page_args()
+    customer, status, label = (request.args.get(k) for k in ("customer", "status", "label"))
+    lk, _, lv = (label or "").partition("=")
+
+    def keep(rec: dict[str, str]) -> bool:
+        if customer is not None and rec.get("customer") != customer:
+            return False
+        if status is not None and rec.get("status") != status:
+            return False
+        if label:
+            lab = json.loads(rec.get("labels", "{}"))
+            return lk in lab and (not lv or lab[lk] == lv)
+        return True
+
+    recs, nxt = page(services().redis, machines.ALL, machines.key, cursor, limit, keep)
+    return {"items": [machines.public_view(r) for r in recs], "next_cursor": nxt}
+
+
+@bp.get("/<code>")
+@require(*READERS)
+def show(code: str) -> dict[str, Any]:
+    return machines.public_view(machines.get(services().redis, machine_code(code)))
+
+
+@bp.patch("/<code>")
+@require(*WRITERS)
+def update(code: str) -> dict[str, Any]:
+    code = machine_code(code)
+    doc = body({"labels", "customer"})
+    fields: dict[str, str] = {}
+    if "labels" in doc:
+        fields["labels"] = dumps(labels(doc["labels"]))
+    if "customer" in doc:
+        fields["customer"] = string(doc, "customer")
+    if not fields:
+        raise InvalidInput("nothing to update: give labels and/or customer")
+    svc = services()
+    rec = machines.update(svc.redis, code, fields)
+    svc.audit.append("machine_updated", actor=g.actor, machine=code, fields=sorted(fields))
+    return machines.public_view(rec)
+
+
+def _set_status(code: str, status: str, event: str) -> dict[str, Any]:
+    code = machine_code(code)
+    body(())
+    svc = services()
+    if machines.get(svc.redis, code).get("status") == status:
+        raise Conflict(f"machine {code} is already {status}")
+    rec = machines.update(svc.redis, code, {"status": status})
+    svc.audit.append(event, actor=g.actor, machine=code)
+    return machines.public_view(rec)
+
+
+@bp.post("/<code>/deactivate")
+@require(*WRITERS)
+def deactivate(code: str) -> dict[str, Any]:
+    return _set_status(code, "inactive", "machine_deactivated")
+
+
+@bp.post("/<code>/reactivate")
+@require(*WRITERS)
+def reactivate(code: str) -> dict[str, Any]:
+    return _set_status(code, "active", "machine_reactivated")

@@ -1,0 +1,124 @@
+"""The Flask application factory: one :class:`ServerConfig` in, a ready WSGI app out.
+
+Everything a request needs (Redis client, key store, audit log, suite policy) is built here once
+per worker and kept in :class:`Services`; blueprints reach it through :func:`services`.  All
+error-to-HTTP mapping happens in :func:`_register_errors`, using ``shared.errors``' ``code`` and
+``http_status`` — the one place a failure becomes a status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from license_server import logs, metrics
+from license_server.config import ServerConfig
+from license_server.keystore import KeyStore
+from license_server.policy import SuitePolicy
+from license_server.redis_conn import REDIS_DOWN, Client, connect
+from license_server.store import apikeys
+from license_server.store.audit import AuditLog
+from shared.errors import LayerlockError, PayloadTooLarge, Unavailable
+
+log = logging.getLogger("layerlock")
+
+
+@dataclass
+class Services:
+    config: ServerConfig
+    redis: Client
+    keys: KeyStore
+    audit: AuditLog
+    policy: SuitePolicy
+    bootstrapped: bool = field(default=False)
+
+    def ensure_bootstrap(self) -> None:
+        """Put the init-time admin key hash into Redis once Redis is reachable."""
+        if self.bootstrapped:
+            return
+        h = self.keys.keys.bootstrap_hash
+        if h and apikeys.ensure_bootstrap(self.redis, h):
+            self.audit.append("apikey_created", actor="init", key_id="key_bootstrap_" + h[:8], role="admin")
+        self.bootstrapped = True
+
+
+def services() -> Services:
+    return current_app.extensions["layerlock"]  # type: ignore[no-any-return]
+
+
+def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> Flask:
+    logs.setup(config.log_level)
+    if not config.redis_url and redis_client is None:
+        raise LayerlockError("no Redis URL: start the server with `layerlock serve` (embedded Redis) "
+                             "or set LAYERLOCK_REDIS_URL", code="config_error")
+    r = redis_client or connect(config.redis_url, config.redis_timeout)
+    svc = Services(config=config, redis=r, keys=KeyStore(config.key_dir, max_token_life=config.max_offline_grace),
+                   audit=AuditLog(r), policy=SuitePolicy.from_file(config.policy_file))
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["layerlock"] = svc
+    try:
+        svc.ensure_bootstrap()
+    except REDIS_DOWN:
+        log.warning("redis unreachable at startup; will retry", extra={"fields": {"event": "startup"}})
+
+    from license_server.api import activation, audit, keys, licenses, machines, models, system
+
+    for bp in (system.bp, machines.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp):
+        app.register_blueprint(bp)
+    _register_errors(app)
+    _register_logging(app)
+    return app
+
+
+def _error(err: LayerlockError) -> Response:
+    resp = jsonify(err.to_dict())
+    resp.status_code = err.http_status
+    if err.http_status == 503:
+        resp.headers["Retry-After"] = str(services().config.retry_after)
+    return resp
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(LayerlockError)
+    def _layerlock(err: LayerlockError) -> Response:
+        return _error(err)
+
+    @app.errorhandler(HTTPException)
+    def _http(err: HTTPException) -> Response:
+        if err.code == 413:
+            return _error(PayloadTooLarge(f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes"))
+        name = (err.name or "error").lower().replace(" ", "_")
+        resp = jsonify({"error": name, "message": err.description or name})
+        resp.status_code = err.code or 500
+        return resp
+
+    @app.errorhandler(Exception)
+    def _other(err: Exception) -> Response:
+        if isinstance(err, REDIS_DOWN):
+            return _error(Unavailable("the license database is unreachable; retry shortly"))
+        log.exception("unhandled error", extra={"fields": {"event": "error", "path": request.path}})
+        resp = jsonify({"error": "internal", "message": "internal server error"})
+        resp.status_code = 500
+        return resp
+
+
+def _register_logging(app: Flask) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _done(resp: Response) -> Response:
+        ms = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
+        metrics.REQUESTS.labels(status=f"{resp.status_code // 100}xx").inc()
+        if request.path not in ("/v1/ping", "/healthz", "/metrics"):
+            log.info("request", extra={"fields": {"event": "http", "method": request.method, "path": request.path,
+                                                  "status": resp.status_code, "ms": round(ms, 2),
+                                                  "remote": request.remote_addr}})
+        return resp

@@ -1,0 +1,100 @@
+"""One typed configuration object for the whole server, built once at startup.
+
+Why one object: every tunable (timeouts, limits, lifetimes) is visible in one place, read once
+from ``LAYERLOCK_*`` environment variables and/or a TOML file (``LAYERLOCK_CONFIG``), and handed
+to :func:`license_server.app.create_app`.  Nothing deeper in the code reads the environment.
+Environment variables win over the TOML file so a systemd drop-in can override one value.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+DEFAULT_DATA_DIR = "/var/lib/layerlock"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every server setting.  Durations are seconds, sizes are bytes."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    #: ``redis://``, ``rediss://`` (TLS), ``unix://`` or ``redis+sentinel://host:port[,host:port]/service``.
+    #: Empty: the gunicorn master starts an embedded ``redis-server`` under ``data_dir/redis``.
+    redis_url: str = ""
+    redis_timeout: float = 1.5
+    #: Embedded Redis only: ``always`` (every acknowledged write is on disk) or ``everysec``.
+    appendfsync: str = "everysec"
+    issuer: str = "layerlock"
+    clock_skew: int = 300
+    max_body_bytes: int = 64 * 1024
+    rate_machine_per_min: int = 60
+    rate_ip_per_min: int = 600
+    default_token_ttl: int = 86_400
+    default_offline_grace: int = 3 * 86_400
+    min_lifetime: int = 5
+    #: Upper bound of offline_grace: a retired signing key stays published this long.
+    max_offline_grace: int = 90 * 86_400
+    policy_file: str = ""
+    log_level: str = "INFO"
+    retry_after: int = 2
+    #: Trust ``X-Forwarded-For`` from the reverse proxy (set when nginx is in front).
+    trust_proxy: bool = False
+
+    @property
+    def key_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """TOML file (``LAYERLOCK_CONFIG``), then ``LAYERLOCK_<FIELD>`` variables, then overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        toml_path = env.get("LAYERLOCK_CONFIG", "")
+        if toml_path:
+            try:
+                with open(toml_path, "rb") as fh:
+                    doc = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {toml_path}: {exc}") from None
+            values.update(doc.get("server", doc))
+        for f in fields(cls):
+            name = f"LAYERLOCK_{f.name.upper()}"
+            if name in env:
+                values[f.name] = env[name]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls()._with(values)
+
+    def _with(self, values: Mapping[str, Any]) -> ServerConfig:
+        known = {f.name: f for f in fields(self)}
+        typed: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}")
+            default = getattr(self, name)
+            try:
+                if isinstance(default, bool):
+                    typed[name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, Path):
+                    typed[name] = Path(raw)
+                else:
+                    typed[name] = type(default)(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"setting {name!r} must be a {type(default).__name__}") from None
+        cfg = replace(self, **typed)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.appendfsync not in ("always", "everysec"):
+            raise ConfigError("appendfsync must be 'always' or 'everysec' (never 'no': see deploy/redis.conf)")
+        if self.min_lifetime < 1 or self.default_token_ttl > self.default_offline_grace:
+            raise ConfigError("need 1 <= min_lifetime and default_token_ttl <= default_offline_grace")
+        if self.redis_timeout <= 0 or self.max_body_bytes < 1024:
+            raise ConfigError("redis_timeout must be > 0 and max_body_bytes >= 1024")

@@ -1,0 +1,135 @@
+"""The OpenAPI 3 document (``/openapi.json``) and a self-contained browsable page (``/docs``).
+
+Generated from one compact table so it cannot drift far from the routes: a test compares the
+table with the app's URL map.  The page has no CDN dependency (air-gapped installs): it fetches
+``/openapi.json`` and renders each operation with its parameters and body schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+_S = {"type": "string"}
+_I = {"type": "integer"}
+
+
+def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+MACHINE_BODY = _obj({"machine": _S, "customer": _S, "enrollment": {**_S, "description": "LLE1.… code"},
+                     "labels": {"type": "object", "additionalProperties": _S}})
+LICENSE_BODY = _obj({"machine": _S, "model": _S, "days": _I, "expires_at": _I, "not_before": _I,
+                     "token_ttl": {**_I, "description": "seconds, <= offline_grace"},
+                     "offline_grace": {**_I, "description": "seconds"}, "notes": _S}, ("machine", "model"))
+ACTIVATE_BODY = _obj({"machine": _S, "model": _S, "ts": _I, "nonce": _S, "sig": _S,
+                      "enrollment": {**_S, "description": "only for machines registered without keys (TOFU)"}},
+                     ("machine", "model", "ts", "nonce", "sig"))
+LIST_Q = ["cursor", "limit"]
+
+# (method, path, summary, roles or None for public, body schema, query params)
+ROUTES: list[tuple[str, str, str, str | None, dict[str, Any] | None, list[str]]] = [
+    ("get", "/healthz", "Process is up", None, None, []),
+    ("get", "/readyz", "Redis reachable and keys loaded", None, None, []),
+    ("get", "/metrics", "Prometheus metrics", None, None, []),
+    ("get", "/.well-known/jwks.json", "Token signing keys (current and retired-but-valid)", None, None, []),
+    ("get", "/v1/ping", "Trivial JSON endpoint (benchmark baseline)", None, None, []),
+    ("post", "/v1/activate", "Verifier activation: signed request → license token", None, ACTIVATE_BODY, []),
+    ("get", "/v1/intake-key", "X25519 key that `layerlock protect` seals data keys to", "admin, operator",
+     None, []),
+    ("post", "/v1/machines", "Register a machine (optionally with its enrollment code)", "admin, operator",
+     MACHINE_BODY, []),
+    ("get", "/v1/machines", "List machines", "admin, operator, auditor", None,
+     [*LIST_Q, "customer", "status", "label"]),
+    ("get", "/v1/machines/{code}", "Show a machine", "admin, operator, auditor", None, []),
+    ("patch", "/v1/machines/{code}", "Update labels / customer", "admin, operator",
+     _obj({"labels": {"type": "object"}, "customer": _S}), []),
+    ("post", "/v1/machines/{code}/deactivate", "Deactivate a machine", "admin, operator", None, []),
+    ("post", "/v1/machines/{code}/reactivate", "Reactivate a machine", "admin, operator", None, []),
+    ("post", "/v1/models", "Register a model with its sealed data key", "admin, operator",
+     _obj({"model_id": _S, "name": _S, "version": _S, "sealed_key": {"type": "object"}},
+          ("model_id", "sealed_key")), []),
+    ("get", "/v1/models", "List models", "admin, operator, auditor", None, [*LIST_Q, "status"]),
+    ("get", "/v1/models/{model_id}", "Show a model (never its key)", "admin, operator, auditor", None, []),
+    ("post", "/v1/models/{model_id}/retire", "Retire a model", "admin, operator", None, []),
+    ("post", "/v1/licenses", "Issue a license", "admin, operator", LICENSE_BODY, []),
+    ("get", "/v1/licenses", "List licenses", "admin, operator, auditor", None,
+     [*LIST_Q, "machine", "model", "customer", "status"]),
+    ("get", "/v1/licenses/{license_id}", "Show a license", "admin, operator, auditor", None, []),
+    ("post", "/v1/licenses/{license_id}/revoke", "Revoke a license", "admin, operator",
+     _obj({"reason": _S}), []),
+    ("post", "/v1/licenses/{license_id}/extend", "Extend a license", "admin, operator",
+     _obj({"days": _I, "expires_at": _I}), []),
+    ("get", "/v1/audit", "Audit records, newest first", "admin, auditor", None,
+     ["cursor", "limit", "type", "machine", "license", "model", "outcome", "reason", "since", "until"]),
+    ("get", "/v1/audit/verify", "Walk the hash chain; report the first break", "admin, auditor", None, []),
+    ("post", "/v1/keys", "Create an API key (shown once)", "admin",
+     _obj({"role": {"enum": ["admin", "operator", "auditor"]}, "name": _S}, ("role",)), []),
+    ("get", "/v1/keys", "List API keys (no secrets)", "admin", None, LIST_Q),
+    ("post", "/v1/keys/{key_id}/revoke", "Revoke an API key", "admin", None, []),
+    ("post", "/v1/keys/rotate-signing", "New signing key; old one stays in the JWKS", "admin", None, []),
+    ("post", "/v1/keys/rotate-kek", "New KEK; re-wrap stored data keys", "admin", None, []),
+]
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for method, path, summary, roles, schema, query in ROUTES:
+        op: dict[str, Any] = {"summary": summary, "responses": {
+            "200": {"description": "OK", "content": {"application/json": {}}},
+            "default": {"description": "Error", "content": {"application/json": {"schema": ERROR}}}}}
+        if roles:
+            op["security"] = [{"apiKey": []}]
+            op["description"] = f"Roles: {roles}."
+        else:
+            op["security"] = []
+        params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": _S}
+                  for p in path.split("/") if p.startswith("{")]
+        params += [{"name": q, "in": "query", "required": False, "schema": _S} for q in query]
+        if params:
+            op["parameters"] = params
+        if schema:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "layerlock license server", "version": "1",
+                 "description": "Ops API (API keys with roles admin/operator/auditor) and the verifier "
+                                "activation endpoint. Errors are {\"error\": code, \"message\": text}."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": _obj({"error": _S, "message": _S}, ("error", "message"))},
+        },
+    }
+
+
+DOCS_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>layerlock API</title>
+<style>body{font:14px system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}
+.op{border:1px solid #ccc;border-radius:6px;margin:.6em 0;padding:.4em .8em}
+.m{font-weight:bold;text-transform:uppercase;display:inline-block;width:4.5em}
+pre{background:#f6f6f6;padding:.5em;overflow:auto}</style></head>
+<body><h1>layerlock license server API</h1><p>Machine-readable: <a href="openapi.json">/openapi.json</a></p>
+<div id="ops">loading…</div>
+<script>
+fetch("openapi.json").then(r => r.json()).then(doc => {
+  const root = document.getElementById("ops"); root.textContent = "";
+  for (const [path, ops] of Object.entries(doc.paths)) for (const [m, op] of Object.entries(ops)) {
+    const d = document.createElement("details"); d.className = "op";
+    const s = document.createElement("summary");
+    s.innerHTML = `<span class="m"></span><code></code> — <span></span>`;
+    s.children[0].textContent = m; s.children[1].textContent = path; s.children[2].textContent = op.summary;
+    d.appendChild(s);
+    const pre = document.createElement("pre");
+    pre.textContent = JSON.stringify({description: op.description, parameters: op.parameters,
+                                      requestBody: op.requestBody}, null, 2);
+    d.appendChild(pre); root.appendChild(d);
+  }
+});
+</script></body></html>
+"""

@@ -1,0 +1,74 @@
+"""Which HPKE suite a machine's wrapped key uses: a device-class policy tree.
+
+The tree walks vendor → device type → OS version (a prefix match on the OS string); the most
+specific ``suite`` found wins.  Two facts then override the choice, because a wrong suite is a
+machine that cannot unlock: a device without AES instructions gets ChaCha20-Poly1305 (constant
+time in software) instead of AES-GCM, and a post-quantum suite asked for a machine that has no
+ML-KEM key falls back to the classic one.  File format (JSON or TOML, ``LAYERLOCK_POLICY_FILE``)::
+
+    {"suite": "X25519-SHA256-AES256GCM",
+     "vendors": {"Dell Inc.": {"suite": "...",
+                              "types": {"x86_64": {"os": {"Ubuntu 24.04": "MLKEM768X25519-SHA256-AES256GCM"}}}}}}
+
+``"*"`` matches any vendor or type.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from shared.enrollment import DeviceClass
+from shared.errors import ConfigError
+from shared.wrap import DEFAULT_SUITE, HYBRID_SUITES, SUITES
+
+CHACHA = "X25519-SHA256-CHACHA20POLY1305"
+DEFAULT_TREE: dict[str, Any] = {"suite": DEFAULT_SUITE, "vendors": {}}
+
+
+class SuitePolicy:
+    def __init__(self, tree: dict[str, Any] | None = None) -> None:
+        self.tree = tree or DEFAULT_TREE
+        self._check(self.tree)
+
+    @classmethod
+    def from_file(cls, path: str) -> SuitePolicy:
+        if not path:
+            return cls()
+        try:
+            raw = Path(path).read_bytes()
+            tree = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read suite policy {path}: {exc}") from None
+        return cls(tree)
+
+    def _check(self, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "suite" or (isinstance(v, str) and k not in ("vendors", "types", "os")):
+                    if v not in SUITES:
+                        raise ConfigError(f"suite policy names an unknown suite {v!r}")
+                else:
+                    self._check(v)
+
+    def choose(self, device: DeviceClass, has_pq: bool) -> str:
+        suite = self.tree.get("suite", DEFAULT_SUITE)
+        vendors = self.tree.get("vendors", {})
+        vnode = vendors.get(device.vendor) or vendors.get("*")
+        if vnode:
+            suite = vnode.get("suite", suite)
+            types = vnode.get("types", {})
+            tnode = types.get(device.type) or types.get("*")
+            if tnode:
+                suite = tnode.get("suite", suite)
+                for prefix, s in sorted(tnode.get("os", {}).items(), key=lambda kv: -len(kv[0])):
+                    if device.os.startswith(prefix):
+                        suite = s
+                        break
+        if suite in HYBRID_SUITES and not has_pq:
+            suite = DEFAULT_SUITE
+        if not device.aes and suite == DEFAULT_SUITE:
+            suite = CHACHA
+        return suite

@@ -1,0 +1,106 @@
+"""Licenses: which machine may unlock which model, when, and whether it was revoked.
+
+Revoke and extend are WATCH/MULTI transactions on the license hash, and activation commits its
+grant in a transaction watching the same hash, so concurrent operators and racing activations
+always end in one of the serial orders.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from license_server.redis_conn import Client
+from license_server.store import P, new_id, now_ms
+from shared.errors import Conflict, NotFound
+
+ALL = P + "licenses"
+
+
+def key(license_id: str) -> str:
+    return f"{P}license:{license_id}"
+
+
+def pair_key(machine: str, model: str) -> str:
+    return f"{P}lic:{machine}:{model}"
+
+
+def record(machine: str, model: str, customer: str, not_before: int, expires_at: int, token_ttl: int,
+           offline_grace: int, notes: str = "", license_id: str | None = None,
+           issued: int | None = None) -> dict[str, str]:
+    return {"license_id": license_id or new_id("lic"), "machine": machine, "model": model,
+            "customer": customer, "issued_at": str(issued or now_ms()), "not_before": str(not_before),
+            "expires_at": str(expires_at), "token_ttl": str(token_ttl), "offline_grace": str(offline_grace),
+            "notes": notes, "status": "active", "activations": "0"}
+
+
+def create(r: Client, rec: dict[str, str]) -> None:
+    with r.pipeline() as pipe:
+        pipe.hset(key(rec["license_id"]), mapping=rec)
+        pipe.zadd(ALL, {rec["license_id"]: int(rec["issued_at"])})
+        pipe.sadd(pair_key(rec["machine"], rec["model"]), rec["license_id"])
+        pipe.execute()
+
+
+def get(r: Client, license_id: str) -> dict[str, str]:
+    rec = r.hgetall(key(license_id))
+    if not rec:
+        raise NotFound(f"license {license_id} does not exist")
+    return rec
+
+
+def for_pair(r: Client, machine: str, model: str) -> list[dict[str, str]]:
+    ids = sorted(r.smembers(pair_key(machine, model)))
+    if not ids:
+        return []
+    with r.pipeline(transaction=False) as pipe:
+        for i in ids:
+            pipe.hgetall(key(i))
+        return [rec for rec in pipe.execute() if rec]
+
+
+def state(rec: dict[str, str], now: float | None = None) -> str:
+    """active | revoked | expired | pending (not_before in the future)."""
+    t = time.time() if now is None else now
+    if rec.get("status") == "revoked":
+        return "revoked"
+    if t >= int(rec["expires_at"]):
+        return "expired"
+    if t < int(rec["not_before"]):
+        return "pending"
+    return "active"
+
+
+def mutate(r: Client, license_id: str,
+           change: Callable[[dict[str, str]], dict[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """Read-check-write under WATCH, retried on contention; returns (before, after)."""
+    with r.pipeline() as pipe:
+        for _ in range(50):
+            try:
+                pipe.watch(key(license_id))
+                before = pipe.hgetall(key(license_id))
+                if not before:
+                    raise NotFound(f"license {license_id} does not exist")
+                fields = change(before)
+                pipe.multi()
+                pipe.hset(key(license_id), mapping=fields)
+                pipe.execute()
+                return before, {**before, **fields}
+            except redis.WatchError:
+                continue
+    raise Conflict("license is being changed by too many clients at once; retry")
+
+
+def public_view(rec: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: rec.get(k, "") for k in ("license_id", "machine", "model", "customer", "notes")}
+    for k in ("not_before", "expires_at", "token_ttl", "offline_grace", "activations"):
+        out[k] = int(rec.get(k, 0))
+    out["issued_at"] = int(rec["issued_at"]) // 1000
+    out["status"] = state(rec)
+    if rec.get("status") == "revoked":
+        out["revoked_at"] = int(rec.get("revoked_at", 0))
+        out["revoke_reason"] = rec.get("revoke_reason", "")
+    return out

@@ -1,0 +1,197 @@
+"""The ops CLI: `init`/`serve` contracts and the REST commands against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+from ls_helpers import activate, add_model, new_machine, world
+
+from license_server.cli import main
+from shared.keys import b64u_decode, x25519_public
+from shared.tokens import parse_jwks, verify_token
+from shared.wrap import MachineKemKeys, binding_info, open_sealed, seal_for_server
+from tests.conftest import PYTHON, REPO, _env, free_port
+
+
+def cli(server, *args: str, key: str | None = None):
+    env = {"LAYERLOCK_SERVER": server.url, "LAYERLOCK_API_KEY": server.admin_key if key is None else key}
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def test_init_contract(tmp_path):
+    d = tmp_path / "data"
+    res = CliRunner().invoke(main, ["init", "--data-dir", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert set(doc) == {"admin_api_key", "intake_pub", "data_dir"} and doc["data_dir"] == str(d.resolve())
+    assert len(b64u_decode(doc["intake_pub"])) == 32
+    keys = d / "keys"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    for f in keys.rglob("*"):
+        assert stat.S_IMODE(f.stat().st_mode) == (0o700 if f.is_dir() else 0o600), f
+    assert doc["admin_api_key"] not in "".join(p.read_text(errors="ignore") for p in keys.rglob("*") if p.is_file())
+    again = CliRunner().invoke(main, ["init", "--data-dir", str(d)])
+    assert again.exit_code == 1 and "already initialised" in again.output
+    forced = CliRunner().invoke(main, ["init", "--data-dir", str(d), "--force", "--json"])
+    assert forced.exit_code == 0 and json.loads(forced.output)["admin_api_key"] != doc["admin_api_key"]
+
+
+def test_rest_commands_end_to_end(server, tmp_path):
+    m = new_machine()
+    res = cli(server, "machines", "add", m.enrollment, "--customer", "globex", "--label", "dc=fra", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["machine"] == m.code
+    table = cli(server, "machines", "list", "--customer", "globex").output
+    assert m.code in table and "MACHINE" in table
+    sealed = tmp_path / "m.key.sealed"
+    sealed.write_text(json.dumps(seal_for_server(os.urandom(32), x25519_public(b64u_decode(server.intake_pub)),
+                                                 "cli-model")))
+    assert cli(server, "models", "add", str(sealed), "--version", "2").exit_code == 0
+    assert "cli-model" in cli(server, "models", "list").output
+    res = cli(server, "licenses", "issue", "--machine", m.code, "--model", "cli-model", "--days", "3", "--json")
+    lid = json.loads(res.output)["license_id"]
+    assert json.loads(cli(server, "licenses", "show", lid, "--json").output)["status"] == "active"
+    assert cli(server, "licenses", "extend", lid, "--days", "2").exit_code == 0
+    assert lid in cli(server, "licenses", "list", "--customer", "globex").output
+    assert cli(server, "licenses", "revoke", lid, "--reason", "cli").exit_code == 0
+    res = cli(server, "licenses", "revoke", lid)
+    assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and "conflict" in res.output
+    assert cli(server, "machines", "deactivate", m.code).exit_code == 0
+    assert "inactive" in cli(server, "machines", "show", m.code).output
+    audit = json.loads(cli(server, "audit", "list", "--license", lid, "--json").output)
+    assert [a["type"] for a in audit] == ["license_revoked", "license_extended", "license_issued"]
+    exported = [json.loads(line) for line in cli(server, "audit", "export", "--license", lid).output.splitlines()]
+    assert [a["type"] for a in exported] == ["license_issued", "license_extended", "license_revoked"]
+    assert "audit chain ok" in cli(server, "audit", "verify").output
+    res = cli(server, "keys", "create", "--role", "auditor", "--json")
+    created = json.loads(res.output)
+    assert created["role"] == "auditor" and created["api_key"].startswith("llk_")
+    assert created["id"] in cli(server, "keys", "list").output
+    res = cli(server, "machines", "list", key=created["api_key"])
+    assert res.exit_code == 0
+    res = cli(server, "machines", "add", new_machine().code, key=created["api_key"])
+    assert res.exit_code == 1 and "forbidden" in res.output
+    assert cli(server, "keys", "revoke", created["id"]).exit_code == 0
+    res = cli(server, "machines", "list", key="")
+    assert res.exit_code == 1 and "API key" in res.output
+    res = CliRunner().invoke(main, ["machines", "list", "--server", "http://127.0.0.1:9", "--api-key", "x"])
+    assert res.exit_code == 1 and "cannot reach" in res.output
+
+
+def test_audit_verify_finds_the_first_break(license_server):
+    world(license_server)
+    r = license_server.redis()
+    ids = [sid for sid, _ in r.xrange("ll:audit")]
+    assert len(ids) >= 4
+    res = cli(license_server, "audit", "verify", "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["ok"] is True
+    r.xdel("ll:audit", ids[2])
+    doc = license_server.api("GET", "/v1/audit/verify").json()
+    assert doc == {"ok": False, "checked": 2, "break_at": ids[3],
+                   "reason": "prev does not match the hash of the previous record"}
+    res = cli(license_server, "audit", "verify")
+    assert res.exit_code == 1 and ids[3] in res.output
+
+
+def test_signing_rotation_keeps_old_tokens_verifiable_and_kek_rotation_keeps_keys(license_server):
+    m, model_id, data_key, _ = world(license_server)
+    old_token = activate(license_server, m, model_id).json()["token"]
+    res = cli(license_server, "keys", "rotate-signing", "--json")
+    assert res.exit_code == 0, res.output
+    new_kid = json.loads(res.output)["kid"]
+    time.sleep(1.1)  # workers re-read the key dir at most once a second
+    jwks = parse_jwks(requests.get(license_server.url + "/.well-known/jwks.json", timeout=5).json())
+    assert len(jwks) == 2 and new_kid in jwks
+    verify_token(old_token, jwks, machine_code=m.code)
+    res = cli(license_server, "keys", "rotate-kek", "--json")
+    assert res.exit_code == 0, res.output
+    rot = json.loads(res.output)
+    assert rot["rewrapped"] >= 1
+    assert license_server.redis().hget(f"ll:model:{model_id}", "kek_id") == rot["kek_id"]
+    time.sleep(1.1)
+    token = activate(license_server, m, model_id).json()["token"]
+    import jwt
+
+    assert jwt.get_unverified_header(token)["kid"] == new_kid
+    claims = verify_token(token, jwks, machine_code=m.code)
+    assert open_sealed(claims.wrapped_key, MachineKemKeys(m.kx).private_for(claims.suite), claims.suite,
+                       binding_info(claims.lic, m.code, model_id)) == data_key
+    new_model, _ = add_model(license_server)  # models registered after rotation use the new KEK
+    assert license_server.redis().hget(f"ll:model:{new_model}", "kek_id") == rot["kek_id"]
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore"):
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.slow
+def test_serve_with_embedded_redis_persists_and_stops_cleanly(tmp_path):
+    d = tmp_path / "srv"
+    admin = json.loads(subprocess.run([PYTHON, "-m", "license_server.cli", "init", "--data-dir", str(d), "--json"],
+                                      env=_env(), cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {admin['admin_api_key']}"}
+    m = new_machine()
+
+    def run():
+        proc = subprocess.Popen([PYTHON, "-m", "license_server.cli", "serve", "--data-dir", str(d), "--bind",
+                                 f"127.0.0.1:{port}", "--workers", "1", "--appendfsync", "always"],
+                                env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/readyz", timeout=1).status_code == 200:
+                    return proc
+            except requests.RequestException:
+                time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("serve did not become ready")
+
+    def stop(proc):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert not _procs_mentioning(str(d / "redis" / "redis.sock")), "embedded redis-server left running"
+
+    proc = run()
+    try:
+        assert (d / "redis" / "redis.sock").exists()
+        assert stat.S_IMODE((d / "redis").stat().st_mode) == 0o700
+        assert requests.post(url + "/v1/machines", json={"machine": m.code}, headers=headers,
+                             timeout=5).status_code == 201
+    finally:
+        stop(proc)
+    proc = run()
+    try:
+        assert requests.get(url + f"/v1/machines/{m.code}", headers=headers, timeout=5).status_code == 200
+    finally:
+        stop(proc)
+
+
+def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server):
+    second = license_server.api("POST", "/v1/keys", {"role": "admin", "name": "second"}).json()
+    boot = [k for k in license_server.api("GET", "/v1/keys").json()["items"] if k["id"].startswith("key_bootstrap")]
+    assert len(boot) == 1
+    assert license_server.api("POST", f"/v1/keys/{boot[0]['id']}/revoke", key=second["api_key"]).status_code == 200
+    license_server.stop()
+    license_server.start()
+    assert license_server.api("GET", "/v1/keys").status_code == 401
+    assert license_server.api("GET", "/v1/keys", key=second["api_key"]).status_code == 200

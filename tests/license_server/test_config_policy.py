@@ -1,0 +1,72 @@
+"""The typed config (env + TOML) and the device-class suite policy, incl. a hybrid (PQ) server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ls_helpers import activate, add_model, issue, new_machine, register
+
+from license_server.config import ServerConfig
+from license_server.policy import CHACHA, SuitePolicy
+from shared.enrollment import DeviceClass
+from shared.errors import ConfigError
+from shared.tokens import parse_jwks, verify_token
+from shared.wrap import MachineKemKeys, binding_info, open_sealed
+
+HYBRID = "MLKEM768X25519-SHA256-AES256GCM"
+
+
+def test_config_env_overrides_toml(tmp_path):
+    toml = tmp_path / "server.toml"
+    toml.write_text('[server]\nissuer = "acme"\nclock_skew = 120\nappendfsync = "always"\n')
+    cfg = ServerConfig.load({"LAYERLOCK_CONFIG": str(toml), "LAYERLOCK_CLOCK_SKEW": "30",
+                             "LAYERLOCK_TRUST_PROXY": "yes", "LAYERLOCK_DATA_DIR": str(tmp_path)})
+    assert (cfg.issuer, cfg.clock_skew, cfg.appendfsync, cfg.trust_proxy) == ("acme", 30, "always", True)
+    assert cfg.key_dir == tmp_path / "keys"
+    with pytest.raises(ConfigError):
+        ServerConfig.load({"LAYERLOCK_CLOCK_SKEW": "soon"})
+    with pytest.raises(ConfigError):
+        ServerConfig.load({"LAYERLOCK_APPENDFSYNC": "no"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("colour = 1\n")
+    with pytest.raises(ConfigError):
+        ServerConfig.load({"LAYERLOCK_CONFIG": str(bad)})
+
+
+def test_policy_tree_walks_vendor_type_os():
+    policy = SuitePolicy({"suite": "X25519-SHA256-AES256GCM", "vendors": {
+        "Dell": {"types": {"x86_64": {"os": {"Ubuntu 24": HYBRID, "Ubuntu": CHACHA}}}},
+        "*": {"types": {"aarch64": {"suite": CHACHA}}}}})
+    dev = DeviceClass(vendor="Dell", type="x86_64", os="Ubuntu 24.04", aes=True)
+    assert policy.choose(dev, has_pq=True) == HYBRID
+    assert policy.choose(dev, has_pq=False) == "X25519-SHA256-AES256GCM"  # no ML-KEM key: classic
+    assert policy.choose(DeviceClass(vendor="Dell", type="x86_64", os="Ubuntu 22.04"), True) == CHACHA
+    assert policy.choose(DeviceClass(vendor="HP", type="aarch64"), False) == CHACHA
+    assert policy.choose(DeviceClass(vendor="HP", type="x86_64", aes=False), False) == CHACHA
+    with pytest.raises(ConfigError):
+        SuitePolicy({"suite": "ROT13"})
+
+
+def test_hybrid_suite_end_to_end(tmp_path, redis_server):
+    from tests.conftest import LicenseServer
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"vendors": {"PQCorp": {"suite": HYBRID}}}))
+    srv = LicenseServer(tmp_path / "pq", redis_server.url, workers=1, env={"LAYERLOCK_POLICY_FILE": str(policy)})
+    srv.start()
+    try:
+        m = new_machine(pq=True, vendor="PQCorp")
+        register(srv, m)
+        model_id, data_key = add_model(srv)
+        issue(srv, m, model_id)
+        resp = activate(srv, m, model_id)
+        assert resp.status_code == 200, resp.text
+        jwks = parse_jwks(srv.api("GET", "/.well-known/jwks.json").json())
+        claims = verify_token(resp.json()["token"], jwks, machine_code=m.code)
+        assert claims.suite == HYBRID
+        key = open_sealed(claims.wrapped_key, MachineKemKeys(m.kx, m.pq).private_for(HYBRID), HYBRID,
+                          binding_info(claims.lic, m.code, model_id))
+        assert key == data_key
+    finally:
+        srv.stop()
