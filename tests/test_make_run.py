@@ -1,0 +1,79 @@
+"""Smoke test of the README's first command: `make run` on this checkout.
+
+Starts it in its own process group exactly as a person would (no stdin), waits for the client's
+accuracy line, checks both numbers, then sends SIGINT (Ctrl-C) and checks that every process it
+started is gone and that no socket is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"accuracy: unlocked=(?P<unlocked>[0-9.]+) original=(?P<original>[0-9.]+) "
+                  r"locked_file=(?P<locked>[0-9.]+)")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.slow
+def test_make_run_end_to_end_and_clean_stop(tmp_path):
+    data = tmp_path / "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(["make", "--no-print-directory", "run", f"DATA={data}", f"VENV={ROOT / '.venv'}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    assert proc.stdout is not None
+    output: list[str] = []
+    match = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and match is None:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                line = proc.stdout.readline().decode(errors="replace")
+                if not line and proc.poll() is not None:
+                    break
+                output.append(line)
+                match = LINE.search(line)
+        assert match, "no accuracy line from make run:\n" + "".join(output[-60:])
+        unlocked, original, locked = (float(match[k]) for k in ("unlocked", "original", "locked"))
+        assert original > 0.9
+        assert unlocked == original  # bit-exact weights give exactly the same predictions
+        assert locked < 0.25  # near chance (0.10) for ten classes
+        # Wait for the "Running." banner, then press Ctrl-C.
+        while time.monotonic() < deadline and not any("Ctrl-C stops everything" in ln for ln in output):
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                output.append(proc.stdout.readline().decode(errors="replace"))
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        output.append(rest.decode(errors="replace"))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = _processes_mentioning(str(data))
+    assert not left, "processes left behind:\n" + "\n".join(left)
+    sockets = [p for p in data.rglob("*") if p.is_socket()]
+    assert not sockets, f"sockets left behind: {sockets}"
