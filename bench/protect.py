@@ -64,8 +64,8 @@ def _child(args: list[str]) -> None:
     else:
         from shared.lockfile import restore, restore_to
 
-        bundle, key_hex = rest
-        key = bytes.fromhex(key_hex)
+        (bundle,) = rest
+        key = bytes.fromhex(sys.stdin.readline().strip())  # never on the command line: ps shows argv
         t0 = time.perf_counter()
         if mode == "restore":
             data = restore(Path(model), Path(bundle), key)
@@ -90,11 +90,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure(repeat: int, *args: str) -> dict[str, float]:
+def _measure(repeat: int, *args: str, key: bytes = b"") -> dict[str, float]:
     best: dict[str, float] | None = None
     for _ in range(repeat):
         out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True,
-                             text=True).stdout
+                             text=True, input=key.hex() + "\n").stdout
         res = json.loads(out.strip().splitlines()[-1])
         if best is None or res["s"] < best["s"]:
             best = res
@@ -138,8 +138,8 @@ def main() -> None:
               f"locked {len(res.locked_tensors)} tensors = {res.fraction:.1%} of parameters")
         _warm(src, res.locked_path, res.bundle_path)
         load = _measure(args.repeat, "load", str(src))
-        rest = _measure(args.repeat, "restore", str(res.locked_path), str(res.bundle_path), key.hex())
-        memfd = _measure(args.repeat, "restore_memfd", str(res.locked_path), str(res.bundle_path), key.hex())
+        rest = _measure(args.repeat, "restore", str(res.locked_path), str(res.bundle_path), key=key)
+        memfd = _measure(args.repeat, "restore_memfd", str(res.locked_path), str(res.bundle_path), key=key)
         ratio, bytes_ratio = memfd["s"] / load["s"], rest["s"] / load["s"]
         rss_ratio = rest["rss_mb"] / size_mb
         memfd_ratio = (memfd["rss_mb"] + size_mb) / size_mb  # memfd pages are shmem, not RSS: add them

@@ -23,13 +23,13 @@ from shared.keys import b64u_decode, b64u_encode
 from shared.machine import normalize_code
 
 _DOMAIN = b"layerlock-activate-v1\0"
-MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NONCE_BYTES = 16
 FIELDS = ("machine", "model", "ts", "nonce", "sig")
 
 
 def check_model_id(value: Any, *, field: str = "model") -> str:
-    if not isinstance(value, str) or not MODEL_ID_RE.match(value):
+    if not isinstance(value, str) or not MODEL_ID_RE.fullmatch(value):
         raise InvalidInput(f"{field} must be 1-128 characters of letters, digits, '.', '_' or '-'")
     return value
 
@@ -68,7 +68,8 @@ def parse_request(body: Any) -> ActivationRequest:
         raise InvalidInput("activation request must be a JSON object")
     unknown = set(body) - set(FIELDS)
     if unknown:
-        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        names = ", ".join(sorted(str(u)[:32] for u in unknown)[:5])
+        raise InvalidInput(f"unknown field(s): {names}")
     missing = [f for f in FIELDS if f not in body]
     if missing:
         raise InvalidInput(f"missing field(s): {', '.join(missing)}")

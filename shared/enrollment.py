@@ -83,8 +83,9 @@ def make_code(enrollment: Enrollment, signing_key: ed25519.Ed25519PrivateKey) ->
 
 def _str(obj: dict[str, Any], key: str, limit: int = 128) -> str:
     value = obj.get(key)
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise InvalidInput(f"enrollment code: '{key}' must be a non-empty string of at most {limit} chars")
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        raise InvalidInput(
+            f"enrollment code: '{key}' must be a non-empty printable string of at most {limit} chars")
     return value
 
 

@@ -73,7 +73,7 @@ def jwk_thumbprint(public_key: ed25519.Ed25519PublicKey) -> str:
 
 # --- key files ---------------------------------------------------------------------------------
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` as 0700 (or tighten it); refuse a directory others can enter."""
+    """Create ``path`` as 0700, or tighten an existing one to 0700 (never loosen)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
@@ -84,7 +84,9 @@ def ensure_private_dir(path: Path) -> Path:
 def write_secret_file(path: Path, data: bytes) -> None:
     """Write a secret atomically with mode 0600 from the first byte (no window where it is 0644)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A leftover or planted temp file (or symlink) must not decide the mode or the target.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -114,15 +116,22 @@ def private_pem(key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey) -> byt
                              serialization.NoEncryption())
 
 
+def _load_pem(path: Path) -> object:
+    try:
+        return serialization.load_pem_private_key(read_secret_file(path), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{path} is not a readable PEM private key") from None
+
+
 def load_ed25519_private(path: Path) -> ed25519.Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(read_secret_file(path), password=None)
+    key = _load_pem(path)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"{path} does not hold an Ed25519 private key")
     return key
 
 
 def load_x25519_private(path: Path) -> x25519.X25519PrivateKey:
-    key = serialization.load_pem_private_key(read_secret_file(path), password=None)
+    key = _load_pem(path)
     if not isinstance(key, x25519.X25519PrivateKey):
         raise ConfigError(f"{path} does not hold an X25519 private key")
     return key

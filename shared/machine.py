@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import MachineCodeError
@@ -38,9 +38,10 @@ PREFIX = "LLK"
 class MachineSources:
     """The raw identifiers a machine code is derived from (never sent anywhere)."""
 
-    machine_id: str
-    dmi_uuid: str | None = None
-    mac: str | None = None
+    # Confidential to the host (systemd says so of machine-id): kept out of reprs and logs.
+    machine_id: str = field(repr=False)
+    dmi_uuid: str | None = field(default=None, repr=False)
+    mac: str | None = field(default=None, repr=False)
 
 
 def _read(path: Path) -> str | None:

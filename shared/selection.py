@@ -58,7 +58,8 @@ class LockPolicy:
     @classmethod
     def parse_layers(cls, spec: str, patterns: Sequence[str] = ()) -> LockPolicy:
         """``START:COUNT`` (or ``START`` alone: one layer) -> a policy; malformed -> InvalidInput."""
-        m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", spec)
+        # ASCII digits, at most 9: int() of a many-thousand-digit string raises ValueError, not InvalidInput.
+        m = re.fullmatch(r"\s*([0-9]{1,9})\s*(?::\s*([0-9]{1,9})\s*)?", spec)
         if not m:
             raise InvalidInput(f"--layers must be START:COUNT with non-negative integers, got {spec!r}")
         count = int(m.group(2)) if m.group(2) is not None else 1

@@ -25,6 +25,7 @@ ALGORITHMS = ["EdDSA"]
 DEFAULT_ISSUER = "layerlock"
 AUDIENCE = "layerlock-verifier"
 DEFAULT_LEEWAY_S = 60
+MAX_TOKEN_LEN = 16384  # the hybrid suite's wk is ~1.6 KB; anything far bigger is not ours
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "lic", "mdl", "iat", "nbf", "exp", "jti", "wk", "suite", "rna"]
 
 
@@ -101,7 +102,7 @@ def verify_token(
     verify_exp: bool = True,
 ) -> LicenseClaims:
     """Verify a token against pinned keys and the expected machine/model; return its claims."""
-    if not isinstance(token, str) or token.count(".") != 2:
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or token.count(".") != 2:
         raise TokenError("token is not a compact JWS")
     try:
         header = jwt.get_unverified_header(token)
@@ -131,6 +132,9 @@ def verify_token(
         claims = LicenseClaims(**{name: raw[name] for name in REQUIRED_CLAIMS})
     except TypeError:
         raise TokenError("token claims have the wrong shape") from None
+    for name in ("iss", "aud", "sub", "lic", "mdl", "jti", "wk", "suite"):
+        if not isinstance(getattr(claims, name), str):
+            raise TokenError(f"token claim {name!r} must be a string")
     for name in ("iat", "nbf", "exp", "rna"):
         if not isinstance(getattr(claims, name), int) or isinstance(getattr(claims, name), bool):
             raise TokenError(f"token claim {name!r} must be an integer")

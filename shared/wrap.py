@@ -130,7 +130,7 @@ def open_from_vendor(doc: object, intake_private: x25519.X25519PrivateKey, model
         raise WrapError("sealed key document lacks 'sealed'")
     suite = doc.get("suite", INTAKE_SUITE)
     if suite != INTAKE_SUITE:
-        raise WrapError(f"sealed key document uses suite {suite!r}; expected {INTAKE_SUITE}")
+        raise WrapError(f"sealed key document uses suite {str(suite)[:40]!r}; expected {INTAKE_SUITE}")
     try:
         raw = b64u_decode(sealed, field="sealed")
     except Exception:  # noqa: BLE001

@@ -59,3 +59,10 @@ def test_malformed(mutate, exc, match):
 def test_not_an_object(body):
     with pytest.raises(InvalidInput, match="JSON object"):
         parse_request(body)
+
+
+def test_model_id_with_trailing_newline_rejected():
+    body = make_request(MACHINE, "model-a", ed25519.Ed25519PrivateKey.generate()).to_dict()
+    body["model"] = "model-a\n"
+    with pytest.raises(InvalidInput, match="model"):
+        parse_request(body)

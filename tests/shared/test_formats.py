@@ -15,10 +15,12 @@ import safetensors.numpy as stnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.decoys import decoy_blocks, tensor_stats
 from shared.errors import LockError, UnsupportedModel
-from shared.formats import TensorInfo, decoy_blocks, onnx_index, safetensors_index, tensor_stats
+from shared.formats import TensorInfo, safetensors_index
 from shared.lockfile import protect as protect_file
 from shared.lockfile import restore
+from shared.onnxfile import onnx_index
 from shared.selection import LockPolicy
 
 try:
@@ -206,3 +208,15 @@ def test_onnx_index_offsets_and_garbage(tmp_path, mlp):
     bad.write_bytes(io.BytesIO(b"\x0a\x03abc").getvalue())
     with pytest.raises(UnsupportedModel):
         protect_file(bad)
+
+
+def test_hostile_safetensors_header_values_are_not_echoed_in_full(tmp_path):
+    long = "x" * 100_000
+    for entry in ({"dtype": long, "shape": [1], "data_offsets": [0, 4]},
+                  {"dtype": "F32", "shape": [1] * 100_000, "data_offsets": [0, 4]}):
+        header = json.dumps({long: entry}).encode()
+        path = tmp_path / "hostile.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        with pytest.raises(UnsupportedModel) as info:
+            safetensors_index(path)
+        assert len(str(info.value)) < 400

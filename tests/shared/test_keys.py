@@ -60,3 +60,19 @@ def test_b64u_errors():
         b64u_decode("***", field="field-x")
     with pytest.raises(InvalidInput):
         b64u_decode(None)  # type: ignore[arg-type]
+
+
+def test_planted_temp_symlink_is_not_followed(tmp_path):
+    target = tmp_path / "victim"
+    target.write_text("untouched")
+    (tmp_path / ".k.pem.tmp").symlink_to(target)
+    write_secret_file(tmp_path / "k.pem", b"secret")
+    assert target.read_text() == "untouched"
+    assert (tmp_path / "k.pem").read_bytes() == b"secret"
+    assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
+
+
+def test_corrupt_pem_is_a_config_error(tmp_path):
+    write_secret_file(tmp_path / "k.pem", b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="PEM"):
+        load_ed25519_private(tmp_path / "k.pem")

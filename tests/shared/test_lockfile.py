@@ -312,3 +312,38 @@ def test_large_model_default_policy_both_restore_paths(tmp_path):
         assert restore_to(res.locked_path, res.bundle_path, res.data_key, out) == len(original)
         out.seek(0)
         assert out.read() == original
+
+
+# --- review fixes ----------------------------------------------------------------------------------
+def test_model_id_with_trailing_newline_is_refused(small_model, tiny):
+    from shared.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        protect_file(small_model, model_id="model-1\n")
+    res, blob, _ = tiny
+    doc = json.loads(blob[14:14 + struct.unpack(">I", blob[10:14])[0]])
+    doc["model_id"] += "\n"
+    with pytest.raises(BundleFormatError, match="model id"):
+        read_header(_repack(blob, doc))
+
+
+def test_tensors_a_bundle_cannot_list_are_never_locked(tmp_path):
+    """A tensor named "" (or of rank > 64) would make an unreadable bundle: it is left unlocked."""
+    src = tmp_path / "odd.safetensors"
+    stnp.save_file({"": np.ones((4, 4), np.float32), "a.w": np.full((4, 4), 2, np.float32)}, src)
+    res = protect_file(src, policy=ALL)
+    assert res.locked_tensors == ["a.w"]
+    assert restore(res.locked_path, res.bundle_path, res.data_key) == src.read_bytes()
+
+
+def test_protect_does_not_follow_a_planted_temporary_symlink(small_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (out / ".small.llk.tmp").symlink_to(victim)
+    (out / ".small.locked.safetensors.tmp").symlink_to(victim)
+    res = protect_file(small_model, out)
+    assert victim.read_bytes() == b"precious"
+    assert restore(res.locked_path, res.bundle_path, res.data_key) == small_model.read_bytes()
+    assert not (out / ".small.llk.tmp").exists() and not (out / ".small.llk.tmp").is_symlink()

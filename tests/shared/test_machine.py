@@ -78,3 +78,7 @@ def test_adjacent_transposition_is_caught():
 def test_malformed(bad, match):
     with pytest.raises(MachineCodeError, match=match):
         normalize_code(bad)
+
+
+def test_sources_repr_hides_identifiers():
+    assert "secret-machine-id" not in repr(MachineSources("secret-machine-id", "dmi-uuid", "aa:bb"))

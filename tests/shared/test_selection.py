@@ -84,3 +84,9 @@ def test_default_policy_uses_tensor_info_and_skips_int_buffers():
              "norm.weight": TensorInfo("norm.weight", "F32", (8,), 4352, 32)}
     assert select(infos, LockPolicy()) == ["fc.weight"]
     assert select({"x": (3,)}, LockPolicy()) == ["x"]  # no matrix at all: lock what there is
+
+
+def test_parse_layers_huge_numbers_are_invalid_input():
+    for bad in ("9" * 5000, "1:" + "9" * 5000, "١:٢"):
+        with pytest.raises(InvalidInput):
+            LockPolicy.parse_layers(bad)

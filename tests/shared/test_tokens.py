@@ -144,3 +144,13 @@ def test_jwks_rejects_mislabelled_kid(key):
         parse_jwks({"keys": [{"kty": "RSA", "n": "x", "e": "AQAB"}]})
     with pytest.raises(TokenError):
         parse_jwks({})
+
+
+def test_oversized_and_mistyped_claims_rejected(key, pinned):
+    with pytest.raises(TokenError, match="compact JWS"):
+        verify_token("a" * 20000 + ".b.c", pinned, machine_code=MACHINE)
+    payload = _claims().to_dict()
+    payload["wk"] = 12345
+    token = jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": jwk_thumbprint(key.public_key())})
+    with pytest.raises(TokenError, match="'wk' must be a string"):
+        verify_token(token, pinned, machine_code=MACHINE)
