@@ -8,10 +8,11 @@ started is gone and that no socket is left behind.
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -44,31 +45,39 @@ def test_make_run_end_to_end_and_clean_stop(tmp_path):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=env)
     assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    # A reader thread, not select(): select on a buffered pipe misses lines already buffered.
+    reader = threading.Thread(target=lambda: [lines.put(b.decode(errors="replace")) for b in proc.stdout],
+                              daemon=True)
+    reader.start()
     output: list[str] = []
-    match = None
+
+    def wait_for(pattern: re.Pattern[str], until: float) -> re.Match[str] | None:
+        while time.monotonic() < until:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if proc.poll() is not None and not reader.is_alive() and lines.empty():
+                    return None
+                continue
+            output.append(line)
+            found = pattern.search(line)
+            if found:
+                return found
+        return None
+
     deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and match is None:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                line = proc.stdout.readline().decode(errors="replace")
-                if not line and proc.poll() is not None:
-                    break
-                output.append(line)
-                match = LINE.search(line)
+        match = wait_for(LINE, deadline)
         assert match, "no accuracy line from make run:\n" + "".join(output[-60:])
         unlocked, original, locked = (float(match[k]) for k in ("unlocked", "original", "locked"))
         assert original > 0.9
         assert unlocked == original  # bit-exact weights give exactly the same predictions
         assert locked < 0.25  # near chance (0.10) for ten classes
-        # Wait for the "Running." banner, then press Ctrl-C.
-        while time.monotonic() < deadline and not any("Ctrl-C stops everything" in ln for ln in output):
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                output.append(proc.stdout.readline().decode(errors="replace"))
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-        output.append(rest.decode(errors="replace"))
+        assert wait_for(re.compile("Ctrl-C stops everything"), deadline), "".join(output[-20:])
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a person would press it
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
