@@ -136,7 +136,7 @@ class Stack:
                 proc.kill()
 
 
-def start_stack(tmp: Path, workers: int) -> Stack:
+def start_stack(tmp: Path, workers: int, server_threads: int | None = None) -> Stack:
     tmp.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERLOCK_")}
     env["PYTHONPATH"] = str(REPO)
@@ -160,6 +160,8 @@ def start_stack(tmp: Path, workers: int) -> Stack:
                     LAYERLOCK_BIND=f"127.0.0.1:{port}", LAYERLOCK_WORKERS=str(workers),
                     LAYERLOCK_RATE_MACHINE_PER_MIN="100000000", LAYERLOCK_RATE_IP_PER_MIN="100000000",
                     LAYERLOCK_LOG_LEVEL="WARNING")
+        if server_threads:
+            genv["LAYERLOCK_THREADS"] = str(server_threads)
         with open(tmp / "gunicorn.log", "wb") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
                                            str(REPO / "deploy" / "gunicorn.conf.py"), "license_server.wsgi:app"],
@@ -207,6 +209,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--threads", type=int, default=8, help="threads per client process")
     ap.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 1))
+    ap.add_argument("--server-threads", type=int, default=None,
+                    help="gunicorn threads per worker (default: deploy/gunicorn.conf.py's)")
     ap.add_argument("--fleet", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best run of each is reported")
     args = ap.parse_args()
@@ -215,9 +219,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llbench-"))
     stacks: list[Stack] = []
     try:
-        empty = start_stack(tmp / "empty", args.workers)
+        empty = start_stack(tmp / "empty", args.workers, args.server_threads)
         stacks.append(empty)
-        loaded = start_stack(tmp / "loaded", args.workers)
+        loaded = start_stack(tmp / "loaded", args.workers, args.server_threads)
         stacks.append(loaded)
         mem0 = loaded.redis.info("memory")["used_memory"]
         enrolled = {k: v for k, v in loaded.redis.hgetall(machines.key(loaded.fleet[0].code)).items()

@@ -22,6 +22,7 @@ from license_server.policy import SuitePolicy
 from license_server.redis_conn import REDIS_DOWN, Client, connect
 from license_server.store import apikeys
 from license_server.store.audit import AuditLog
+from license_server.store.guards import ActivationReader
 from shared.errors import LayerlockError, PayloadTooLarge, Unavailable
 
 log = logging.getLogger("layerlock")
@@ -34,6 +35,7 @@ class Services:
     keys: KeyStore
     audit: AuditLog
     policy: SuitePolicy
+    activation_reader: ActivationReader
     bootstrapped: bool = field(default=False)
 
     def ensure_bootstrap(self) -> None:
@@ -41,8 +43,8 @@ class Services:
         if self.bootstrapped:
             return
         h = self.keys.keys.bootstrap_hash
-        if h and apikeys.ensure_bootstrap(self.redis, h):
-            self.audit.append("apikey_created", actor="init", key_id="key_bootstrap_" + h[:8], role="admin")
+        if h:
+            apikeys.ensure_bootstrap(self.audit, h)
         self.bootstrapped = True
 
 
@@ -57,7 +59,8 @@ def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> F
                              "or set LAYERLOCK_REDIS_URL", code="config_error")
     r = redis_client or connect(config.redis_url, config.redis_timeout)
     svc = Services(config=config, redis=r, keys=KeyStore(config.key_dir, max_token_life=config.max_offline_grace),
-                   audit=AuditLog(r), policy=SuitePolicy.from_file(config.policy_file))
+                   audit=AuditLog(r), policy=SuitePolicy.from_file(config.policy_file),
+                   activation_reader=ActivationReader(r))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -117,7 +120,7 @@ def _register_logging(app: Flask) -> None:
     def _done(resp: Response) -> Response:
         ms = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
         metrics.REQUESTS.labels(status=f"{resp.status_code // 100}xx").inc()
-        if request.path not in ("/v1/ping", "/healthz", "/metrics"):
+        if log.isEnabledFor(logging.INFO) and request.path not in ("/v1/ping", "/healthz", "/metrics"):
             log.info("request", extra={"fields": {"event": "http", "method": request.method, "path": request.path,
                                                   "status": resp.status_code, "ms": round(ms, 2),
                                                   "remote": request.remote_addr}})

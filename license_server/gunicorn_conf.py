@@ -10,13 +10,17 @@ it on exit), and give prometheus_client a fresh multiprocess directory.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Any
 
+from gunicorn.glogging import Logger
+
 __all__ = ["bind", "workers", "threads", "worker_class", "timeout", "graceful_timeout", "keepalive",
            "accesslog", "errorlog", "loglevel", "limit_request_line", "limit_request_field_size",
-           "on_starting", "child_exit", "on_exit", "proc_name", "control_socket_disable", "logconfig_dict"]
+           "on_starting", "child_exit", "on_exit", "proc_name", "control_socket_disable", "logconfig_dict",
+           "logger_class"]
 
 bind = os.environ.get("LAYERLOCK_BIND", "127.0.0.1:8700")
 workers = int(os.environ.get("LAYERLOCK_WORKERS", str(min(8, 2 * (os.cpu_count() or 1)))))
@@ -44,6 +48,18 @@ logconfig_dict = {
     },
 }
 loglevel = "info"
+
+
+class QuietAccessLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger, minus the per-request cost of an access log nobody reads: with a
+    ``logconfig_dict`` gunicorn formats every access line before the level filter drops it."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        if self.access_log.isEnabledFor(logging.INFO):
+            super().access(resp, req, environ, request_time)
+
+
+logger_class = QuietAccessLogger
 limit_request_line = 4096
 limit_request_field_size = 8192
 proc_name = "layerlock-server"

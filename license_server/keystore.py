@@ -104,6 +104,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._stamp: tuple[float, float] = (-1.0, -1.0)
         self._checked = 0.0
+        self._data_keys: dict[tuple[str, str, str], bytes] = {}
         self._keys = self._load()
 
     # --- loading ---------------------------------------------------------------------------
@@ -159,6 +160,20 @@ class KeyStore:
         return b64u_encode(nonce + ct), k.kek_id
 
     def open_data_key(self, blob: str, kek_id: str, model_id: str) -> bytes:
+        """The data key inside ``blob``.  Kept in a small per-worker cache keyed by the sealed blob
+        itself (no extra exposure: the KEK that opens every blob is in this memory anyway), so
+        an activation does not re-run AES-GCM; a re-wrapped key is a new blob, a new entry."""
+        cache_key = (blob, kek_id, model_id)
+        hit = self._data_keys.get(cache_key)
+        if hit is not None:
+            return hit
+        key = self._open_data_key(blob, kek_id, model_id)
+        if len(self._data_keys) >= 1024:
+            self._data_keys.clear()
+        self._data_keys[cache_key] = key
+        return key
+
+    def _open_data_key(self, blob: str, kek_id: str, model_id: str) -> bytes:
         keks = self.keys.keks
         if kek_id not in keks:
             self.reload()

@@ -25,8 +25,7 @@ def create() -> tuple[dict[str, Any], int]:
     name = string(doc, "name", "")
     secret = new_api_key()
     svc = services()
-    rec = apikeys.create(svc.redis, role, name, secret)
-    svc.audit.append("apikey_created", actor=g.actor, key_id=rec["id"], role=role)
+    rec = apikeys.create(svc.audit, role, name, secret, actor=g.actor)
     return {**apikeys.public_view(rec), "api_key": secret}, 201
 
 
@@ -45,8 +44,7 @@ def revoke(key_id: str) -> dict[str, Any]:
     svc = services()
     if key_id == g.actor:
         raise Conflict("refusing to revoke the key making this request")
-    rec = apikeys.revoke(svc.redis, key_id)
-    svc.audit.append("apikey_revoked", actor=g.actor, key_id=key_id)
+    rec = apikeys.revoke(svc.audit, key_id, actor=g.actor)
     return apikeys.public_view(rec)
 
 
@@ -80,7 +78,7 @@ def rotate_kek() -> dict[str, Any]:
             for _ in range(10):
                 key = svc.keys.open_data_key(rec["wrapped_key"], rec["kek_id"], rec["model_id"])
                 wrapped, kek_id = svc.keys.seal_data_key(key, rec["model_id"])
-                if models.rewrap(svc.redis, rec["model_id"], rec, wrapped, kek_id):
+                if models.rewrap(svc.audit, rec["model_id"], rec, wrapped, kek_id, actor=g.actor):
                     rewrapped += 1
                     break
                 rec = models.get(svc.redis, rec["model_id"])

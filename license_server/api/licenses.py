@@ -11,6 +11,7 @@ from license_server import metrics
 from license_server.api.common import READERS, WRITERS, body, integer, machine_code, now, page_args, require, string
 from license_server.app import services
 from license_server.store import licenses, machines, models, page
+from license_server.store.audit import Change, GuardFailed
 from shared.activation import check_model_id
 from shared.errors import Conflict, InvalidInput
 
@@ -45,13 +46,26 @@ def issue() -> tuple[dict[str, Any], int]:
                   lo=cfg.min_lifetime, hi=grace)
     notes = string(doc, "notes", "", max_len=1000)
     svc = services()
-    machine = machines.get(svc.redis, code)
-    if models.get(svc.redis, model_id).get("status") != "active":
-        raise Conflict(f"model {model_id} is retired")
-    rec = licenses.record(code, model_id, machine.get("customer", ""), not_before, expires_at, ttl, grace, notes)
-    licenses.create(svc.redis, rec)
-    svc.audit.append("license_issued", actor=g.actor, license=rec["license_id"], machine=code, model=model_id,
-                     expires_at=expires_at, not_before=not_before)
+    for _ in range(50):
+        machine = machines.get(svc.redis, code)
+        if models.get(svc.redis, model_id).get("status") != "active":
+            raise Conflict(f"model {model_id} is retired")
+        rec = licenses.record(code, model_id, machine.get("customer", ""), not_before, expires_at, ttl, grace,
+                              notes)
+        # issued only if the machine (and its customer) and the active model are as just read
+        guards = Change().guard("eq", models.key(model_id), "status", "active")
+        if "customer" in machine:
+            guards.guard("eq", machines.key(code), "customer", machine["customer"])
+        else:
+            guards.guard("present", machines.key(code))
+        try:
+            licenses.create(svc.audit, rec, guards=guards, actor=g.actor, license=rec["license_id"], machine=code,
+                            model=model_id, expires_at=expires_at, not_before=not_before)
+            break
+        except GuardFailed:
+            continue
+    else:
+        raise Conflict("machine or model is changing too fast; retry")
     metrics.LICENSES_ISSUED.inc()
     return licenses.public_view(rec), 201
 
@@ -92,9 +106,9 @@ def revoke(license_id: str) -> dict[str, Any]:
             raise Conflict(f"license {license_id} is already revoked")
         return {"status": "revoked", "revoked_at": str(now()), "revoke_reason": reason}
 
-    _, after = licenses.mutate(svc.redis, license_id, change)
-    svc.audit.append("license_revoked", actor=g.actor, license=license_id, machine=after["machine"],
-                     model=after["model"], reason=reason)
+    _, after = licenses.mutate(svc.audit, license_id, change, lambda before, after: (
+        "license_revoked", {"license": license_id, "machine": after["machine"], "model": after["model"],
+                            "reason": reason}), actor=g.actor)
     return licenses.public_view(after)
 
 
@@ -113,8 +127,8 @@ def extend(license_id: str) -> dict[str, Any]:
             raise InvalidInput("the new expiry must be later than the current one")
         return {"expires_at": str(new)}
 
-    before, after = licenses.mutate(svc.redis, license_id, change)
-    svc.audit.append("license_extended", actor=g.actor, license=license_id, machine=after["machine"],
-                     model=after["model"], old_expires_at=int(before["expires_at"]),
-                     expires_at=int(after["expires_at"]))
+    _, after = licenses.mutate(svc.audit, license_id, change, lambda before, after: (
+        "license_extended", {"license": license_id, "machine": after["machine"], "model": after["model"],
+                             "old_expires_at": int(before["expires_at"]), "expires_at": int(after["expires_at"])}),
+        actor=g.actor)
     return licenses.public_view(after)

@@ -30,10 +30,8 @@ def register() -> tuple[dict[str, Any], int]:
     if enrollment is not None and enrollment.machine != code:
         raise InvalidInput("the enrollment code belongs to another machine code")
     rec = machines.record(code, string(doc, "customer", ""), labels(doc.get("labels", {})), enrollment)
-    svc = services()
-    machines.create(svc.redis, rec)
-    svc.audit.append("machine_registered", actor=g.actor, machine=code, customer=rec["customer"],
-                     enrolled=enrollment is not None)
+    machines.create(services().audit, rec, actor=g.actor, machine=code, customer=rec["customer"],
+                    enrolled=enrollment is not None)
     return machines.public_view(rec), 201
 
 
@@ -76,20 +74,21 @@ def update(code: str) -> dict[str, Any]:
         fields["customer"] = string(doc, "customer")
     if not fields:
         raise InvalidInput("nothing to update: give labels and/or customer")
-    svc = services()
-    rec = machines.update(svc.redis, code, fields)
-    svc.audit.append("machine_updated", actor=g.actor, machine=code, fields=sorted(fields))
+    rec = machines.update(services().audit, code, lambda _: fields, "machine_updated", actor=g.actor,
+                          machine=code, fields=sorted(fields))
     return machines.public_view(rec)
 
 
 def _set_status(code: str, status: str, event: str) -> dict[str, Any]:
     code = machine_code(code)
     body(())
-    svc = services()
-    if machines.get(svc.redis, code).get("status") == status:
-        raise Conflict(f"machine {code} is already {status}")
-    rec = machines.update(svc.redis, code, {"status": status})
-    svc.audit.append(event, actor=g.actor, machine=code)
+
+    def change(rec: dict[str, str]) -> dict[str, str]:
+        if rec.get("status") == status:
+            raise Conflict(f"machine {code} is already {status}")
+        return {"status": status}
+
+    rec = machines.update(services().audit, code, change, event, actor=g.actor, machine=code)
     return machines.public_view(rec)
 
 

@@ -14,7 +14,6 @@ from license_server.api.common import READERS, WRITERS, body, page_args, require
 from license_server.app import services
 from license_server.store import models, page
 from shared.activation import check_model_id
-from shared.errors import Conflict
 from shared.keys import b64u_encode
 from shared.wrap import open_from_vendor
 
@@ -37,8 +36,7 @@ def register() -> tuple[dict[str, Any], int]:
     data_key = open_from_vendor(doc["sealed_key"], svc.keys.keys.intake, model_id)
     wrapped, kek_id = svc.keys.seal_data_key(data_key, model_id)
     rec = models.record(model_id, name, version, wrapped, kek_id)
-    models.create(svc.redis, rec)
-    svc.audit.append("model_registered", actor=g.actor, model=model_id, version=version, kek_id=kek_id)
+    models.create(svc.audit, rec, actor=g.actor, model=model_id, version=version, kek_id=kek_id)
     return models.public_view(rec), 201
 
 
@@ -63,9 +61,4 @@ def show(model_id: str) -> dict[str, Any]:
 def retire(model_id: str) -> dict[str, Any]:
     model_id = check_model_id(model_id)
     body(())
-    svc = services()
-    if models.get(svc.redis, model_id).get("status") == "retired":
-        raise Conflict(f"model {model_id} is already retired")
-    rec = models.retire(svc.redis, model_id)
-    svc.audit.append("model_retired", actor=g.actor, model=model_id)
-    return models.public_view(rec)
+    return models.public_view(models.retire(services().audit, model_id, actor=g.actor))

@@ -8,6 +8,7 @@ from typing import Any
 from license_server.keystore import hash_api_key
 from license_server.redis_conn import Client
 from license_server.store import P, new_id, now_ms
+from license_server.store.audit import AuditLog, Change, GuardFailed
 from shared.errors import NotFound
 
 ROLES = ("admin", "operator", "auditor")
@@ -22,29 +23,30 @@ def by_hash(h: str) -> str:
     return f"{P}apikey-hash:{h}"
 
 
-def create(r: Client, role: str, name: str, secret: str, key_id: str | None = None) -> dict[str, str]:
-    rec = {"id": key_id or new_id("key"), "role": role, "name": name, "hash": hash_api_key(secret),
+def _insert(rec: dict[str, str]) -> Change:
+    return (Change().guard("absent", key(rec["id"])).hset(key(rec["id"]), rec)
+            .write("SET", by_hash(rec["hash"]), rec["id"]).write("ZADD", ALL, rec["created_at"], rec["id"]))
+
+
+def create(audit: AuditLog, role: str, name: str, secret: str, *, actor: str) -> dict[str, str]:
+    """Store a new key (hash only) with its ``apikey_created`` record, atomically."""
+    rec = {"id": new_id("key"), "role": role, "name": name, "hash": hash_api_key(secret),
            "status": "active", "created_at": str(now_ms())}
-    with r.pipeline() as pipe:
-        pipe.hset(key(rec["id"]), mapping=rec)
-        pipe.set(by_hash(rec["hash"]), rec["id"])
-        pipe.zadd(ALL, {rec["id"]: int(rec["created_at"])})
-        pipe.execute()
+    audit.commit("apikey_created", _insert(rec), actor=actor, key_id=rec["id"], role=role)
     return rec
 
 
-def ensure_bootstrap(r: Client, key_hash: str) -> bool:
-    """Insert the init-time admin key once (never resurrect it after a revoke)."""
+def ensure_bootstrap(audit: AuditLog, key_hash: str) -> bool:
+    """Insert the init-time admin key once (never resurrect it after a revoke), with its record."""
     key_id = "key_bootstrap_" + key_hash[:8]
-    if not r.hsetnx(key(key_id), "id", key_id):
+    if audit.r.exists(key(key_id)):
         return False
-    rec = {"role": "admin", "name": "bootstrap admin (layerlock init)", "hash": key_hash,
+    rec = {"id": key_id, "role": "admin", "name": "bootstrap admin (layerlock init)", "hash": key_hash,
            "status": "active", "created_at": str(now_ms())}
-    with r.pipeline() as pipe:
-        pipe.hset(key(key_id), mapping=rec)
-        pipe.set(by_hash(key_hash), key_id)
-        pipe.zadd(ALL, {key_id: int(rec["created_at"])})
-        pipe.execute()
+    try:
+        audit.commit("apikey_created", _insert(rec), actor="init", key_id=key_id, role="admin")
+    except GuardFailed:
+        return False  # another worker inserted it first
     return True
 
 
@@ -59,11 +61,16 @@ def authenticate(r: Client, secret: str) -> dict[str, str] | None:
     return rec
 
 
-def revoke(r: Client, key_id: str) -> dict[str, str]:
-    rec = r.hgetall(key(key_id))
+def revoke(audit: AuditLog, key_id: str, *, actor: str) -> dict[str, str]:
+    """Mark revoked with its ``apikey_revoked`` record, atomically."""
+    rec = audit.r.hgetall(key(key_id))
     if not rec:
         raise NotFound(f"API key {key_id} does not exist")
-    r.hset(key(key_id), "status", "revoked")
+    change = Change().guard("present", key(key_id)).hset(key(key_id), {"status": "revoked"})
+    try:
+        audit.commit("apikey_revoked", change, actor=actor, key_id=key_id)
+    except GuardFailed:
+        raise NotFound(f"API key {key_id} does not exist") from None
     return {**rec, "status": "revoked"}
 
 

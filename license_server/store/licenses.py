@@ -1,8 +1,9 @@
 """Licenses: which machine may unlock which model, when, and whether it was revoked.
 
-Revoke and extend are WATCH/MULTI transactions on the license hash, and activation commits its
-grant in a transaction watching the same hash, so concurrent operators and racing activations
-always end in one of the serial orders.
+Issue, revoke and extend commit with their audit record in one step (``AuditLog.commit``).
+Revoke and extend are applied only if the license hash is still exactly as read, and an
+activation commits its grant only if the fields its token was built from are unchanged, so
+concurrent operators and racing activations always end in one of the serial orders.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from license_server.redis_conn import Client
 from license_server.store import P, new_id, now_ms
+from license_server.store.audit import HEAD, AuditLog, Change, GuardFailed
 from shared.errors import Conflict, NotFound
 
 ALL = P + "licenses"
+#: Bumped by every activation; a revoke or extend does not depend on them (no retry storm).
+COUNTERS = frozenset({"activations", "last_activation"})
 
 
 def key(license_id: str) -> str:
@@ -37,12 +39,13 @@ def record(machine: str, model: str, customer: str, not_before: int, expires_at:
             "notes": notes, "status": "active", "activations": "0"}
 
 
-def create(r: Client, rec: dict[str, str]) -> None:
-    with r.pipeline() as pipe:
-        pipe.hset(key(rec["license_id"]), mapping=rec)
-        pipe.zadd(ALL, {rec["license_id"]: int(rec["issued_at"])})
-        pipe.sadd(pair_key(rec["machine"], rec["model"]), rec["license_id"])
-        pipe.execute()
+def create(audit: AuditLog, rec: dict[str, str], *, guards: Change | None = None, actor: str,
+           **event: Any) -> None:
+    """Store the license with its ``license_issued`` record, atomically (under ``guards``)."""
+    change = (guards or Change()).hset(key(rec["license_id"]), rec)
+    change.write("ZADD", ALL, rec["issued_at"], rec["license_id"])
+    change.write("SADD", pair_key(rec["machine"], rec["model"]), rec["license_id"])
+    audit.commit("license_issued", change, actor=actor, **event)
 
 
 def get(r: Client, license_id: str) -> dict[str, str]:
@@ -74,23 +77,32 @@ def state(rec: dict[str, str], now: float | None = None) -> str:
     return "active"
 
 
-def mutate(r: Client, license_id: str,
-           change: Callable[[dict[str, str]], dict[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
-    """Read-check-write under WATCH, retried on contention; returns (before, after)."""
-    with r.pipeline() as pipe:
-        for _ in range(50):
-            try:
-                pipe.watch(key(license_id))
-                before = pipe.hgetall(key(license_id))
-                if not before:
-                    raise NotFound(f"license {license_id} does not exist")
-                fields = change(before)
-                pipe.multi()
-                pipe.hset(key(license_id), mapping=fields)
-                pipe.execute()
-                return before, {**before, **fields}
-            except redis.WatchError:
-                continue
+def mutate(audit: AuditLog, license_id: str, change: Callable[[dict[str, str]], dict[str, str]],
+           event: Callable[[dict[str, str], dict[str, str]], tuple[str, dict[str, Any]]], *,
+           actor: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Read, ``change(before) -> fields``, and commit the fields with the audit record
+    ``event(before, after) -> (type, fields)`` only if the license is still as read (bar the
+    activation counters), else again; returns (before, after)."""
+    k = key(license_id)
+    for _ in range(50):
+        with audit.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k)
+            pipe.get(HEAD)
+            before, head = pipe.execute()
+        if not before:
+            raise NotFound(f"license {license_id} does not exist")
+        fields = change(before)
+        after = {**before, **fields}
+        type_, doc = event(before, after)
+        try:
+            txn = Change()
+            for f, v in before.items():  # as read — except the counters every activation bumps
+                if f not in COUNTERS:
+                    txn.guard("eq", k, f, v)
+            audit.commit(type_, txn.hset(k, fields), actor=actor, head=head, **doc)
+        except GuardFailed:
+            continue
+        return before, after
     raise Conflict("license is being changed by too many clients at once; retry")
 
 

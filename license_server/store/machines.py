@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-import redis
-
 from license_server.redis_conn import Client
 from license_server.store import P, dumps, now_ms
+from license_server.store.audit import HEAD, AuditLog, Change, GuardFailed
 from shared.enrollment import DeviceClass, Enrollment
 from shared.errors import Conflict, NotFound
 from shared.keys import b64u_encode
@@ -39,16 +39,15 @@ def enrollment_fields(e: Enrollment) -> dict[str, str]:
     return out
 
 
-def create(r: Client, rec: dict[str, str]) -> None:
-    """Register atomically; a code registered twice is a Conflict (no silent key replacement)."""
-    with r.pipeline() as pipe:
-        pipe.watch(key(rec["code"]))
-        if pipe.exists(key(rec["code"])):
-            raise Conflict(f"machine {rec['code']} is already registered")
-        pipe.multi()
-        pipe.hset(key(rec["code"]), mapping=rec)
-        pipe.zadd(ALL, {rec["code"]: int(rec["created_at"])})
-        pipe.execute()
+def create(audit: AuditLog, rec: dict[str, str], *, actor: str, **event: Any) -> None:
+    """Register atomically with its ``machine_registered`` record; a code registered twice is a
+    Conflict (no silent key replacement)."""
+    k = key(rec["code"])
+    change = Change().guard("absent", k).hset(k, rec).write("ZADD", ALL, rec["created_at"], rec["code"])
+    try:
+        audit.commit("machine_registered", change, actor=actor, **event)
+    except GuardFailed:
+        raise Conflict(f"machine {rec['code']} is already registered") from None
 
 
 def get(r: Client, code: str) -> dict[str, str]:
@@ -58,30 +57,25 @@ def get(r: Client, code: str) -> dict[str, str]:
     return rec
 
 
-def bind_tofu(r: Client, code: str, enrollment: Enrollment) -> bool:
-    """Trust on first use: store the keys only if the machine still has none (atomic)."""
-    with r.pipeline() as pipe:
-        pipe.watch(key(code))
-        if pipe.hexists(key(code), "sig_pub"):
-            return False
-        pipe.multi()
-        pipe.hset(key(code), mapping=enrollment_fields(enrollment))
-        try:
-            pipe.execute()
-        except redis.WatchError:
-            return False
-    return True
-
-
-def update(r: Client, code: str, fields: dict[str, str]) -> dict[str, str]:
-    with r.pipeline() as pipe:
-        pipe.watch(key(code))
-        if not pipe.exists(key(code)):
+def update(audit: AuditLog, code: str, change: Callable[[dict[str, str]], dict[str, str]], type_: str, *,
+           actor: str, **event: Any) -> dict[str, str]:
+    """Read, compute ``change(rec) -> fields``, write them with the audit record if the machine
+    is still as read (else again); returns the updated record."""
+    k = key(code)
+    for _ in range(50):
+        with audit.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k)
+            pipe.get(HEAD)
+            rec, head = pipe.execute()
+        if not rec:
             raise NotFound(f"machine {code} is not registered")
-        pipe.multi()
-        pipe.hset(key(code), mapping=fields)
-        pipe.execute()
-    return get(r, code)
+        fields = change(rec)
+        try:
+            audit.commit(type_, Change().same_hash(k, rec).hset(k, fields), actor=actor, head=head, **event)
+        except GuardFailed:
+            continue
+        return {**rec, **fields}
+    raise Conflict("machine is being changed by too many clients at once; retry")
 
 
 def public_view(rec: dict[str, str]) -> dict[str, Any]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-
 from license_server.redis_conn import Client
 from license_server.store import P, now_ms
+from license_server.store.audit import AuditLog, Change, GuardFailed
 from shared.errors import Conflict, NotFound
 
 ALL = P + "models"
@@ -17,15 +16,14 @@ def key(model_id: str) -> str:
     return f"{P}model:{model_id}"
 
 
-def create(r: Client, rec: dict[str, str]) -> None:
-    with r.pipeline() as pipe:
-        pipe.watch(key(rec["model_id"]))
-        if pipe.exists(key(rec["model_id"])):
-            raise Conflict(f"model {rec['model_id']} is already registered")
-        pipe.multi()
-        pipe.hset(key(rec["model_id"]), mapping=rec)
-        pipe.zadd(ALL, {rec["model_id"]: int(rec["created_at"])})
-        pipe.execute()
+def create(audit: AuditLog, rec: dict[str, str], *, actor: str, **event: Any) -> None:
+    """Register with its ``model_registered`` record, atomically; twice is a Conflict."""
+    k = key(rec["model_id"])
+    change = Change().guard("absent", k).hset(k, rec).write("ZADD", ALL, rec["created_at"], rec["model_id"])
+    try:
+        audit.commit("model_registered", change, actor=actor, **event)
+    except GuardFailed:
+        raise Conflict(f"model {rec['model_id']} is already registered") from None
 
 
 def record(model_id: str, name: str, version: str, wrapped: str, kek_id: str) -> dict[str, str]:
@@ -40,29 +38,34 @@ def get(r: Client, model_id: str) -> dict[str, str]:
     return rec
 
 
-def retire(r: Client, model_id: str) -> dict[str, str]:
-    with r.pipeline() as pipe:
-        pipe.watch(key(model_id))
-        if not pipe.exists(key(model_id)):
-            raise NotFound(f"model {model_id} is not registered")
-        pipe.multi()
-        pipe.hset(key(model_id), "status", "retired")
-        pipe.execute()
-    return get(r, model_id)
-
-
-def rewrap(r: Client, model_id: str, old: dict[str, str], wrapped: str, kek_id: str) -> bool:
-    """Compare-and-set the sealed key (KEK rotation): only if nobody changed it meanwhile."""
-    with r.pipeline() as pipe:
-        pipe.watch(key(model_id))
-        if pipe.hget(key(model_id), "wrapped_key") != old["wrapped_key"]:
-            return False
-        pipe.multi()
-        pipe.hset(key(model_id), mapping={"wrapped_key": wrapped, "kek_id": kek_id})
+def retire(audit: AuditLog, model_id: str, *, actor: str) -> dict[str, str]:
+    """Mark retired with its ``model_retired`` record, atomically; retired twice is a Conflict."""
+    k = key(model_id)
+    for _ in range(50):
+        rec = get(audit.r, model_id)
+        if rec.get("status") == "retired":
+            raise Conflict(f"model {model_id} is already retired")
+        change = Change().guard("eq", k, "status", rec.get("status", "")).hset(k, {"status": "retired"})
         try:
-            pipe.execute()
-        except redis.WatchError:
-            return False
+            audit.commit("model_retired", change, actor=actor, model=model_id)
+        except GuardFailed:
+            continue
+        return {**rec, "status": "retired"}
+    raise Conflict("model is being changed by too many clients at once; retry")
+
+
+def rewrap(audit: AuditLog, model_id: str, old: dict[str, str], wrapped: str, kek_id: str, *,
+           actor: str) -> bool:
+    """Compare-and-set the sealed key (KEK rotation) with its ``data_key_rewrapped`` record, only if
+    nobody changed it meanwhile; False if somebody did."""
+    k = key(model_id)
+    change = Change().guard("eq", k, "wrapped_key", old["wrapped_key"]).hset(k, {"wrapped_key": wrapped,
+                                                                                "kek_id": kek_id})
+    try:
+        audit.commit("data_key_rewrapped", change, actor=actor, model=model_id, old_kek_id=old.get("kek_id", ""),
+                     kek_id=kek_id)
+    except GuardFailed:
+        return False
     return True
 
 
