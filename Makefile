@@ -22,7 +22,8 @@ $(PY):
 install: $(PY) redis ## create .venv and install layerlock (server, verifier, onnx + demo extras)
 	$(PIP) install -q -e '.[onnx,demo]'
 
-install-test: install ## install what the test suite needs (torch CPU, scikit-learn, hypothesis, ruff, mypy)
+install-test: install ## install what the test suite needs (torch CPU, scikit-learn, nginx, ruff, mypy, …)
+	@bash deploy/ensure-test-tools.sh
 	$(PIP) install -q '$(TORCH_SPEC)'
 	$(PIP) install -q -e '.[test,onnx,demo]'
 

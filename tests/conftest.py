@@ -22,6 +22,8 @@ import pytest
 import redis
 import requests
 
+from license_server.embedded_redis import find_redis_server
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -58,7 +60,8 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            [find_redis_server() or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
              "--logfile", str(self.dir / "redis.log")],
             stdin=subprocess.DEVNULL, start_new_session=True)

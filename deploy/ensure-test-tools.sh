@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System tools the test suite checks the deploy/ files with: nginx (nginx -t on the TLS example)
+# and systemd-analyze (systemd-analyze verify on the units). As root with apt-get they are
+# installed from Debian's packages; otherwise the tests that need them fail and name the package.
+set -euo pipefail
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing ${missing[*]} from Debian's packages (for the deploy/ tests)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq </dev/null >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+else
+  echo "warning: ${missing[*]} missing and not root: the deploy/ tests will fail (apt install ${missing[*]})" >&2
+fi
