@@ -19,10 +19,7 @@ from typing import Any
 
 import click
 
-from shared.enrollment import DeviceClass, Enrollment, make_code
 from shared.errors import LayerlockError
-from shared.keys import raw_public
-from shared.machine import machine_code
 from verifier import systemd
 from verifier.config import DEFAULT_CONFIG, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Config, load_config
 
@@ -56,6 +53,10 @@ def main() -> None:
 def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks_file: Path | None,
            machine_id_file: Path | None, pq: bool, as_json: bool) -> None:
     """Create the machine keys (kept if present), pin the server keys, print the enrollment code."""
+    # Imported here, not at the top: `run` and `status` start faster without them.
+    from shared.enrollment import DeviceClass, Enrollment, make_code
+    from shared.keys import raw_public
+    from shared.machine import machine_code
     from verifier.activation import ServerClient
     from verifier.state import StateDir
 

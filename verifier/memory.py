@@ -11,6 +11,18 @@ than 5.1 lack ``F_SEAL_FUTURE_WRITE``: we fall back to ``F_SEAL_WRITE``, and a d
 closes our descriptor (clients keep what they mapped until they close it); the log says so.
 
 Clients receive a fresh ``O_RDONLY`` descriptor per ``get`` and map the same pages: no copy.
+
+Cost on the unlock path: the restore writes straight into the memfd (one sequential pass of
+``write(2)`` on an unbuffered descriptor; no copy of the whole model is ever held elsewhere),
+then mapping, ``MADV_DONTDUMP`` and sealing are O(1).  Pinning (``mlock``) has to fault every
+page into our mapping -- about a tenth of a second per GiB -- so it is *not* done here but by
+:meth:`SealedModel.pin`, which the daemon runs in the background once the model is served, in
+16 MiB steps so that it never stalls the rest of the process (see :func:`_mlock`).  The
+trade-off: until ``pin`` returns the pages could in principle be swapped out, exactly as they
+could during the restore itself (the restore writes through ``write(2)``, not through a locked
+mapping).  ``mlock2(MLOCK_ONFAULT)`` would be instant but pins nothing: it only locks pages as
+*our* mapping faults them in, and the daemon never touches them (clients fault their own).
+Hosts without swap lose nothing; for the others the window is the restore plus ~0.1 s/GiB.
 """
 
 from __future__ import annotations
@@ -29,16 +41,26 @@ from verifier.errors import ModelUnavailable
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _BASE_SEALS = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 _ZERO = bytes(1 << 20)
+_PIN_CHUNK = 16 << 20
 
 
-def _mlock(mapping: mmap.mmap) -> bool:
-    """Best effort: pin the pages so the unlocked model never reaches swap (needs RLIMIT_MEMLOCK)."""
+def _mlock(mapping: mmap.mmap, chunk: int = _PIN_CHUNK, cancelled: Callable[[], bool] = lambda: False) -> bool:
+    """Best effort: pin the pages so the unlocked model never reaches swap (needs RLIMIT_MEMLOCK).
+
+    In ``chunk``-sized steps: one ``mlock`` of the whole model holds our mm's lock while it faults
+    every page in (~0.1 s/GiB), and every ``mmap`` in the process -- a thread's stack, a Python
+    arena, a client's connection thread -- would wait for it.  Steps of 16 MiB bound that wait to
+    a few milliseconds for the same total cost.  ``cancelled()`` (a drop) stops it between steps.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        anchor = ctypes.c_char.from_buffer(mapping)
+        anchor = ctypes.c_char.from_buffer(mapping)  # keeps the mapping alive while we lock it
         try:
-            rc = libc.mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(len(mapping)))
-            return bool(rc == 0)
+            base, size = ctypes.addressof(anchor), len(mapping)
+            for off in range(0, size, chunk):
+                if cancelled() or libc.mlock(ctypes.c_void_p(base + off), ctypes.c_size_t(min(chunk, size - off))) != 0:
+                    return False
+            return True
         finally:
             del anchor
     except (OSError, AttributeError, TypeError, ValueError):
@@ -58,14 +80,14 @@ class SealedModel:
         self._map: mmap.mmap | None = None
         self.locked_in_ram = False
         try:
-            with os.fdopen(os.dup(self._fd), "r+b") as fh:
+            # Unbuffered: every write goes straight from the restorer's buffer into the memfd.
+            with os.fdopen(os.dup(self._fd), "r+b", buffering=0) as fh:
                 fill(fh)
             self.size = os.fstat(self._fd).st_size
             if self.size:
                 self._map = mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 if hasattr(mmap, "MADV_DONTDUMP"):
                     self._map.madvise(mmap.MADV_DONTDUMP)  # never in a core dump
-                self.locked_in_ram = _mlock(self._map)
             self.zeroable = self._seal()
         except BaseException:
             self._release()
@@ -73,7 +95,28 @@ class SealedModel:
 
     @classmethod
     def from_bytes(cls, name: str, fmt: str, data: bytes) -> SealedModel:
-        return cls(name, fmt, lambda fh: fh.write(data))
+        def fill(fh: BinaryIO) -> None:
+            view = memoryview(data)
+            while len(view):  # a raw write may be short
+                view = view[fh.write(view) or 0:]
+
+        return cls(name, fmt, fill)
+
+    def pin(self) -> bool:
+        """``mlock`` the pages (best effort, needs RLIMIT_MEMLOCK >= size); True if pinned.
+
+        Safe to run on a background thread while clients are served: it does not take the lock
+        that ``open_readonly`` needs, and a concurrent :meth:`drop` still zeroes the pages (the
+        mapping is unmapped once this returns).
+        """
+        with self._lock:
+            mapping = None if self._dropped else self._map
+        if mapping is None:
+            return False
+        pinned = _mlock(mapping, cancelled=lambda: self._dropped)  # False if dropped meanwhile
+        with self._lock:
+            self.locked_in_ram = pinned and not self._dropped
+        return self.locked_in_ram
 
     def _seal(self) -> bool:
         try:
@@ -125,6 +168,7 @@ class SealedModel:
             self._release()
 
     def _release(self) -> None:
+        self.locked_in_ram = False
         if self._map is not None:
             # A stream in flight may still hold a view; the GC closes the map after it.
             with contextlib.suppress(BufferError):

@@ -19,6 +19,12 @@ from shared.tokens import LicenseClaims, verify_token
 from shared.wrap import MachineKemKeys, binding_info, open_sealed
 from verifier.memory import SealedModel
 
+try:  # the narrow modules: restore needs neither numpy nor the protect machinery (start-up time)
+    from shared.bundle import read_header
+    from shared.restore import restore_to
+except ImportError:  # pragma: no cover - the public facade always has them
+    from shared.lockfile import read_header, restore_to
+
 
 def accept_token(token: str, *, keys: Mapping[str, ed25519.Ed25519PublicKey], kem: MachineKemKeys,
                  machine_code: str, model_id: str, issuer: str, leeway: int,
@@ -35,8 +41,6 @@ def accept_token(token: str, *, keys: Mapping[str, ed25519.Ed25519PublicKey], ke
 
 def restore_model(model_id: str, locked: Path, bundle: Path, data_key: bytes) -> SealedModel:
     """Restore the original model bytes straight into a sealed memfd (never onto disk)."""
-    from shared.lockfile import read_header, restore_to
-
     header = read_header(bundle)
     if header.model_id != model_id:
         raise WrapError(f"bundle {bundle} belongs to model {header.model_id!r}, not {model_id!r}")

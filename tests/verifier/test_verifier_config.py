@@ -64,6 +64,7 @@ CASES = [
     ('models = []\n', "server_url: is required"),
     ('server_url = "http://x"\nca_bundle = "/nope/ca.pem"\nmodels = []\n', "ca_bundle: file /nope/ca.pem"),
     ('server_url = "http://x"\n[[models]]\nid="bad id!"\nlocked="/l"\nbundle="/b"\n', "models[0].id: must be"),
+    ('server_url = "http://x"\n[[models]]\nid="ok-prefix\\n"\nlocked="/l"\nbundle="/b"\n', "models[0].id: must be"),
 ]
 
 

@@ -250,3 +250,20 @@ def test_two_models_one_refused(tmp_path, machine):
         assert states == {"model-a": ("unlocked", None), "model-b": ("refused", "no_license")}
     finally:
         d.stop()
+
+
+def test_pins_in_the_background_after_serving(setup, capsys):
+    import resource
+
+    cfg, machine, protected = setup
+    d = start(cfg, machine, FakeServer(machine))
+    try:
+        # served at once; the mlock follows on its own thread and is logged
+        assert read_model(d) == protected.original.read_bytes()
+        assert wait_for(lambda: '"model_pinned"' in capsys.readouterr().out)
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if os.geteuid() == 0 or soft == resource.RLIM_INFINITY:
+            assert d.model("model-a").locked_in_ram
+    finally:
+        d.stop()
+    assert not d.slots["model-a"].model

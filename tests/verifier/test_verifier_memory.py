@@ -59,3 +59,66 @@ def test_fill_failure_releases_memfd():
     with pytest.raises(RuntimeError):
         SealedModel("m", "safetensors", boom)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _memlock_allows(size: int) -> bool:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= size + (1 << 20)
+
+
+def test_pin_is_separate_from_unlock_and_refused_after_drop():
+    # The constructor never mlocks (that is the daemon's background step, off the READY path).
+    model = SealedModel.from_bytes("m", "safetensors", os.urandom(1 << 20))
+    assert not model.locked_in_ram
+    pinned = model.pin()
+    assert pinned == model.locked_in_ram
+    if _memlock_allows(model.size):
+        assert pinned
+    model.drop()
+    assert not model.pin() and not model.locked_in_ram
+
+
+def test_pin_racing_a_drop_still_zeroes_client_mappings():
+    import threading
+
+    data = os.urandom(32 << 20)
+    for _ in range(3):
+        model = SealedModel.from_bytes("m", "safetensors", data)
+        fd = model.open_readonly()
+        view = mmap.mmap(fd, model.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        os.close(fd)
+        pinner = threading.Thread(target=model.pin)
+        pinner.start()
+        model.drop()
+        pinner.join(10)
+        assert not pinner.is_alive()
+        assert view[:4096] == bytes(4096) and view[-4096:] == bytes(4096)
+        view.close()
+        assert not model.pin()
+
+
+def test_from_bytes_of_an_empty_model():
+    model = SealedModel.from_bytes("m", "safetensors", b"")
+    assert model.size == 0 and not model.pin()
+    model.drop()
+
+
+def test_mlock_goes_in_steps_and_stops_when_cancelled():
+    from verifier.memory import _mlock
+
+    model = SealedModel.from_bytes("m", "safetensors", os.urandom(8 << 20))
+    try:
+        calls = []
+
+        def cancelled():
+            calls.append(1)
+            return len(calls) > 3
+
+        assert not _mlock(model._map, chunk=1 << 20, cancelled=cancelled)
+        assert len(calls) == 4  # stopped between steps, not after the whole range
+        if _memlock_allows(model.size):
+            assert _mlock(model._map, chunk=1 << 20)
+    finally:
+        model.drop()
