@@ -39,6 +39,7 @@ test: install-test ## run the whole test suite (what CI runs)
 	$(PY) -m pytest -q tests
 
 bench: install-test ## run the benchmarks in bench/ (prints figures; ~10 minutes)
+	@bash deploy/ensure-test-tools.sh wrk
 	$(PY) bench/protect.py
 	$(PY) bench/unlock.py
 	$(PY) bench/activate.py

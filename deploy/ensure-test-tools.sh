@@ -2,8 +2,10 @@
 # System tools the test suite checks the deploy/ files with: nginx (nginx -t on the TLS example)
 # and systemd-analyze (systemd-analyze verify on the units). As root with apt-get they are
 # installed from Debian's packages; otherwise the tests that need them fail and name the package.
+# Extra arguments name further packages wanted if their command is missing (`make bench`: wrk).
 set -euo pipefail
 missing=()
+for extra in "$@"; do command -v "$extra" >/dev/null 2>&1 || missing+=("$extra"); done
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ ${#missing[@]} -eq 0 ] && exit 0
