@@ -10,13 +10,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pytest
 import safetensors.numpy as stnp
 
 from shared.lockfile import protect, restore
 from shared.selection import LockPolicy
-
-sklearn = pytest.importorskip("sklearn")
 
 
 def _forward(t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

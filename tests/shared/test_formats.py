@@ -12,6 +12,7 @@ import struct
 import numpy as np
 import pytest
 import safetensors.numpy as stnp
+import torch  # `make test` installs the CPU build; a missing torch must fail, not skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,12 +23,6 @@ from shared.lockfile import protect as protect_file
 from shared.lockfile import restore
 from shared.onnxfile import onnx_index
 from shared.selection import LockPolicy
-
-try:
-    import torch
-except ImportError:  # torch is optional: only the PyTorch tests need it
-    torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="torch not installed")
 
 
 class Custom:
@@ -97,7 +92,6 @@ def _state(mlp):
         "bn.num_batches_tracked": torch.tensor(7), "emb.weight": torch.randn(5, 4).to(torch.bfloat16)}
 
 
-@needs_torch
 @pytest.mark.parametrize("wrap", [lambda s: s, lambda s: {"state_dict": s, "epoch": 3}])
 def test_pytorch_state_dict_round_trip(tmp_path, wrap, mlp):
     from safetensors.torch import load
@@ -114,7 +108,6 @@ def test_pytorch_state_dict_round_trip(tmp_path, wrap, mlp):
     assert not list(tmp_path.glob(".*")), "temporary plain file left behind"
 
 
-@needs_torch
 def test_pytorch_tied_weights(tmp_path):
     w = torch.randn(4, 4)
     src = tmp_path / "tied.pth"
@@ -126,7 +119,6 @@ def test_pytorch_tied_weights(tmp_path):
     assert torch.equal(restored["a.weight"], w) and torch.equal(restored["b.weight"], w)
 
 
-@needs_torch
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_pickle_needing_code_is_refused(tmp_path):
     src = tmp_path / "evil.pt"
@@ -145,7 +137,7 @@ def test_pickle_needing_code_is_refused(tmp_path):
 
 # --- ONNX ------------------------------------------------------------------------------------------
 def _onnx_mlp(raw: bool, t):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits, nodes, prev = [], [], "x"
@@ -170,7 +162,7 @@ def _onnx_mlp(raw: bool, t):
 
 
 def _run(blob: bytes, x):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})[0]
 

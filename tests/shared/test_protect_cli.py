@@ -70,7 +70,7 @@ class Custom:
 
 
 def test_pickle_with_custom_class_refused(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     src = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(3), "x": Custom()}, src)
     r = run(str(src), "--data-key-out", str(tmp_path / "k"))
