@@ -3,7 +3,8 @@
 Layout under ``<data_dir>/keys`` (0700, every file 0600)::
 
     signing/<kid>.pem        Ed25519 private keys (PKCS#8)
-    signing.json             {"current": kid, "retired": {kid: publish_until}}
+    signing.json             {"current": kid, "retired": {kid: publish_until},
+                              "endorsements": {kid: JWS by the key it replaced}}
     kek/<kek_id>.key         32 random bytes (AES-256-GCM)
     kek.json                 {"current": kek_id}
     intake.key / intake.pub  X25519: ``layerlock protect`` seals data keys to intake.pub
@@ -40,6 +41,7 @@ from shared.keys import (
     read_secret_file,
     write_secret_file,
 )
+from shared.tokens import sign_endorsement
 
 _KEK_AAD = b"layerlock-kek-v1\0"
 
@@ -89,6 +91,7 @@ class _Keys:
     signing: ed25519.Ed25519PrivateKey
     kid: str
     published: tuple[ed25519.Ed25519PublicKey, ...]
+    endorsements: dict[str, str]
     keks: dict[str, bytes]
     kek_id: str
     intake: x25519.X25519PrivateKey
@@ -125,6 +128,8 @@ class KeyStore:
             path = self.key_dir / "signing" / f"{old}.pem"
             if until >= now and path.exists():
                 published.append(load_ed25519_private(path).public_key())
+        published_kids = {jwk_thumbprint(k) for k in published}
+        endorsements = {k: v for k, v in meta.get("endorsements", {}).items() if k in published_kids}
         kek_meta = json.loads(read_secret_file(self.key_dir / "kek.json"))
         keks = {p.stem: read_secret_file(p) for p in sorted((self.key_dir / "kek").glob("*.key"))}
         if kek_meta["current"] not in keks:
@@ -132,7 +137,8 @@ class KeyStore:
         bootstrap = self.key_dir / "bootstrap-admin.sha256"
         boot_hash = read_secret_file(bootstrap).decode().strip() if bootstrap.exists() else None
         self._stamp = stamp
-        return _Keys(signing=signing, kid=kid, published=tuple(published), keks=keks,
+        return _Keys(signing=signing, kid=kid, published=tuple(published),
+                     endorsements=endorsements, keks=keks,
                      kek_id=kek_meta["current"], intake=load_x25519_private(self.key_dir / "intake.key"),
                      bootstrap_hash=boot_hash)
 
@@ -196,16 +202,24 @@ class KeyStore:
 
     # --- signing ---------------------------------------------------------------------------
     def rotate_signing(self) -> dict[str, object]:
-        """New current signing key; the old one stays in the JWKS for ``max_token_life``."""
+        """New current signing key; the old one stays in the JWKS for ``max_token_life``.
+
+        The old key signs an endorsement of the new one (published with it in the JWKS), so
+        verifiers that pinned the old key can trust the new one without re-enrolling.
+        """
         meta = json.loads(read_secret_file(self.key_dir / "signing.json"))
         now = int(time.time())
         retired = {k: v for k, v in meta.get("retired", {}).items() if v >= now}
         for gone in set(meta.get("retired", {})) - set(retired):
             (self.key_dir / "signing" / f"{gone}.pem").unlink(missing_ok=True)
         retired[meta["current"]] = now + self.max_token_life
+        old_sk = load_ed25519_private(self.key_dir / "signing" / f"{meta['current']}.pem")
         sk = ed25519.Ed25519PrivateKey.generate()
         kid = jwk_thumbprint(sk.public_key())
+        endorsements = {k: v for k, v in meta.get("endorsements", {}).items() if k in retired}
+        endorsements[kid] = sign_endorsement(old_sk, sk.public_key(), now=now)
         write_secret_file(self.key_dir / "signing" / f"{kid}.pem", private_pem(sk))
-        _write_json(self.key_dir / "signing.json", {"current": kid, "retired": retired})
+        _write_json(self.key_dir / "signing.json", {"current": kid, "retired": retired,
+                                                    "endorsements": endorsements})
         self.reload()
         return {"kid": kid, "retired": retired}

@@ -6,6 +6,12 @@ the token's own header: no ``jwk``/``jku`` honoured), every claim below is requi
 subject, model and audience must equal what the caller expects.  ``alg: none``, HS256 signed with
 a public key as the secret, an unknown ``kid`` and a flipped bit all fail the same way: as a
 :class:`~shared.errors.TokenError` that says which check failed, never echoing the token.
+
+Key endorsement: a signing-key rotation makes the outgoing key sign a small EdDSA JWS naming the
+incoming key (:func:`sign_endorsement`), published as the extra ``llk_endorsement`` member of the
+new key's JWKS entry.  :func:`extend_pinned` lets a verifier trust a new key only through such
+a chain that starts at a key it already pinned, so rotation needs no re-enrollment and the JWKS
+fetch itself never has to be trusted.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import TokenError
+from shared.errors import LayerlockError, TokenError
 from shared.keys import b64u_decode, b64u_encode, ed25519_public, jwk_thumbprint
 
 ALGORITHMS = ["EdDSA"]
@@ -26,6 +32,8 @@ DEFAULT_ISSUER = "layerlock"
 AUDIENCE = "layerlock-verifier"
 DEFAULT_LEEWAY_S = 60
 MAX_TOKEN_LEN = 16384  # the hybrid suite's wk is ~1.6 KB; anything far bigger is not ours
+ENDORSEMENT_TYP = "llk-endorse+jwt"
+ENDORSEMENT_MEMBER = "llk_endorsement"
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "lic", "mdl", "iat", "nbf", "exp", "jti", "wk", "suite", "rna"]
 
 
@@ -59,9 +67,80 @@ def public_jwk(public_key: ed25519.Ed25519PublicKey) -> dict[str, str]:
             "kid": jwk_thumbprint(public_key), "alg": "EdDSA", "use": "sig"}
 
 
-def jwks(public_keys: list[ed25519.Ed25519PublicKey]) -> dict[str, list[dict[str, str]]]:
-    """A JWKS document (RFC 7517) of the given signing keys."""
-    return {"keys": [public_jwk(k) for k in public_keys]}
+def jwks(public_keys: list[ed25519.Ed25519PublicKey],
+         endorsements: Mapping[str, str] | None = None) -> dict[str, list[dict[str, str]]]:
+    """A JWKS document (RFC 7517) of the given signing keys.
+
+    ``endorsements`` (kid → JWS) go into the matching entries as ``llk_endorsement``; JWKS
+    consumers ignore members they do not know, so the document stays a plain JWKS.
+    """
+    out = []
+    for key in public_keys:
+        jwk = public_jwk(key)
+        if endorsements and jwk["kid"] in endorsements:
+            jwk[ENDORSEMENT_MEMBER] = endorsements[jwk["kid"]]
+        out.append(jwk)
+    return {"keys": out}
+
+
+def sign_endorsement(endorser: ed25519.Ed25519PrivateKey, new_key: ed25519.Ed25519PublicKey, *,
+                     now: float | None = None) -> str:
+    """The outgoing signing key vouches for ``new_key``: a compact EdDSA JWS over its kid and x."""
+    payload = {"endorses": jwk_thumbprint(new_key), "x": b64u_encode(new_key.public_bytes_raw()),
+               "iat": int(time.time() if now is None else now)}
+    return jwt.encode(payload, endorser, algorithm="EdDSA",
+                      headers={"kid": jwk_thumbprint(endorser.public_key()), "typ": ENDORSEMENT_TYP})
+
+
+def _endorsed(endorsement: object, kid: str, x: str, trusted: Mapping[str, ed25519.Ed25519PublicKey]) -> bool:
+    """Whether ``endorsement`` is a valid JWS by a ``trusted`` key naming exactly (kid, x)."""
+    if not isinstance(endorsement, str) or len(endorsement) > 4096 or endorsement.count(".") != 2:
+        return False
+    try:
+        header = jwt.get_unverified_header(endorsement)
+        signer = header.get("kid")
+        if header.get("alg") not in ALGORITHMS or header.get("typ") != ENDORSEMENT_TYP or \
+                not isinstance(signer, str) or signer not in trusted:
+            return False
+        options: Any = {"require": ["endorses", "x", "iat"], "verify_exp": False, "verify_nbf": False,
+                        "verify_iat": False}
+        payload = jwt.decode(endorsement, trusted[signer], algorithms=ALGORITHMS, options=options)
+    except jwt.PyJWTError:
+        return False
+    return payload.get("endorses") == kid and payload.get("x") == x
+
+
+def extend_pinned(pinned: Mapping[str, ed25519.Ed25519PublicKey],
+                  document: Mapping[str, Any]) -> dict[str, ed25519.Ed25519PublicKey]:
+    """``pinned`` plus every key of the JWKS ``document`` endorsed, through a chain of any length
+    and in any order, by an already-trusted key.  Malformed, unendorsed or wrongly endorsed
+    entries are skipped, never trusted, and never make the whole document fail."""
+    trusted = dict(pinned)
+    entries = document.get("keys") if isinstance(document, Mapping) else None
+    if not isinstance(entries, list):
+        return trusted
+    candidates: dict[str, tuple[str, ed25519.Ed25519PublicKey, object]] = {}
+    for jwk in entries:
+        if not isinstance(jwk, Mapping) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+            continue
+        x = jwk.get("x")
+        if not isinstance(x, str):
+            continue
+        try:
+            key = ed25519_public(b64u_decode(x, field="jwk.x"), field="jwk.x")
+        except LayerlockError:
+            continue
+        kid = jwk_thumbprint(key)
+        if jwk.get("kid") == kid:
+            candidates[kid] = (x, key, jwk.get(ENDORSEMENT_MEMBER))
+    grew = True
+    while grew:
+        grew = False
+        for kid, (x, key, endorsement) in candidates.items():
+            if kid not in trusted and _endorsed(endorsement, kid, x, trusted):
+                trusted[kid] = key
+                grew = True
+    return trusted
 
 
 def parse_jwks(document: Mapping[str, Any]) -> dict[str, ed25519.Ed25519PublicKey]:

@@ -11,6 +11,9 @@ reads the slot's state.  The rules, in the order they are applied:
 * The server *answers no* with revoked / expired / no_license / machine_inactive /
   unknown_machine (or another non-transient reason): drop at once, forget the cached token,
   refuse clients with that reason.  Retries continue slowly, so a re-issued license heals.
+* A server token signed by a key that is not pinned (the server rotated its signing key): fetch
+  the JWKS (at most once a minute), pin the keys endorsed by already-pinned ones
+  (:func:`shared.tokens.extend_pinned`), persist them and try the token once more.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import ActivationDenied, ConfigError, LayerlockError, Unavailable
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from shared.errors import ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
 from shared.machine import machine_code
+from shared.tokens import LicenseClaims, extend_pinned, jwks
 from verifier.config import Config, ModelConfig
 from verifier.errors import ModelUnavailable
 from verifier.log import log
@@ -34,6 +41,7 @@ from verifier.unlock import accept_token, restore_model
 
 TRANSIENT_DENIALS = frozenset({"rate_limited", "replay", "stale_request"})
 LOCKED, UNLOCKED, REFUSED = "locked", "unlocked", "refused"
+JWKS_REFRESH_S = 60.0
 
 
 class Activator(Protocol):
@@ -95,6 +103,8 @@ class Daemon:
         state.check()
         self.keys = state.load_keys()
         self.jwks = state.load_jwks()
+        self._jwks_lock = threading.Lock()
+        self._jwks_fetched: float | None = None
         self.machine = resolve_machine(config, state)
         self.slots = {m.id: Slot(m) for m in config.models}
         self.stopping = threading.Event()
@@ -209,9 +219,13 @@ class Daemon:
     def _use_token(self, slot: Slot, token: str, *, source: str) -> bool:
         model_id = slot.config.id
         try:
-            claims, data_key = accept_token(token, keys=self.jwks, kem=self.keys.kem, machine_code=self.machine,
-                                            model_id=model_id, issuer=self.config.issuer,
-                                            leeway=self.config.leeway, now=self.clock())
+            pinned = self.jwks
+            try:
+                claims, data_key = self._accept(token, model_id, pinned)
+            except TokenError:
+                if source != "server" or not self._extend_jwks(token, pinned):
+                    raise
+                claims, data_key = self._accept(token, model_id, self.jwks)
             if self.clock() >= claims.exp:
                 raise ModelUnavailable("token_expired", "token has expired")
             model = slot.model
@@ -245,6 +259,43 @@ class Daemon:
         if fresh:
             self._pin_later(model)
         return True
+
+    def _accept(self, token: str, model_id: str,
+                pinned: Mapping[str, ed25519.Ed25519PublicKey]) -> tuple[LicenseClaims, bytes]:
+        return accept_token(token, keys=pinned, kem=self.keys.kem, machine_code=self.machine,
+                            model_id=model_id, issuer=self.config.issuer, leeway=self.config.leeway,
+                            now=self.clock())
+
+    def _extend_jwks(self, token: str, tried: Mapping[str, ed25519.Ed25519PublicKey]) -> bool:
+        """True if the token's unknown kid is now pinned, through keys the server's JWKS shows
+        endorsed by keys we already trust.  Only a fresh server token may trigger the (rate
+        limited) fetch: a cached token was accepted once, so its key is pinned already.  A
+        server stand-in without ``fetch_jwks`` leaves the pinned set as it is."""
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            return False
+        if not isinstance(kid, str) or kid in tried:
+            return False  # refused for another reason than an unknown key
+        fetch = getattr(self.server, "fetch_jwks", None)
+        with self._jwks_lock:
+            if kid in self.jwks:  # another model's thread got there first
+                return True
+            now = time.monotonic()
+            if fetch is None or (self._jwks_fetched is not None and now - self._jwks_fetched < JWKS_REFRESH_S):
+                return False
+            self._jwks_fetched = now
+            try:
+                extended = extend_pinned(self.jwks, fetch())
+            except LayerlockError as exc:
+                log("jwks_fetch_failed", level="warning", detail=exc.message)
+                return False
+            added = sorted(set(extended) - set(self.jwks))
+            if added:
+                self.state.save_jwks(jwks(list(extended.values())))
+                self.jwks = extended
+                log("jwks_extended", kids=added)
+            return kid in self.jwks
 
     def _pin_later(self, model: SealedModel) -> None:
         """``mlock`` a freshly served model off the critical path (see :mod:`verifier.memory`).

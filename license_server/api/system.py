@@ -39,7 +39,8 @@ def ping() -> dict[str, bool]:
 
 @bp.get("/.well-known/jwks.json")
 def jwks_document() -> Response:
-    resp = Response(_json(jwks(list(services().keys.keys.published))), mimetype="application/json")
+    keys = services().keys.keys
+    resp = Response(_json(jwks(list(keys.published), keys.endorsements)), mimetype="application/json")
     resp.headers["Cache-Control"] = "public, max-age=300"
     return resp
 

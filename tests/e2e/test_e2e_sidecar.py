@@ -242,3 +242,29 @@ def test_status_json_contract(deployment):
     protocol.send_frame(frame_sock, {"op": "list"})
     assert protocol.recv_frame(frame_sock)["models"][0]["state"] == "unlocked"
     frame_sock.close()
+
+
+def test_signing_key_rotation_picked_up_without_reenroll(deployment):
+    """`keys rotate-signing` on the server: the sidecar pins the endorsed new key at its next
+    renewal and keeps serving past the old token's expiry, with no `enroll` re-run."""
+    import jwt
+
+    from shared.tokens import parse_jwks
+
+    dep = deployment
+    dep.sidecar.start()
+    token_file = dep.state_dir / "tokens" / f"{MODEL_ID}.jwt"
+    old_kid = jwt.get_unverified_header(token_file.read_text())["kid"]
+    assert set(parse_jwks(json.loads((dep.state_dir / "jwks.json").read_text()))) == {old_kid}
+    resp = dep.server.api("POST", "/v1/keys/rotate-signing")
+    assert resp.status_code == 200, resp.text
+    new_kid = resp.json()["kid"]
+    assert wait_for(lambda: jwt.get_unverified_header(token_file.read_text())["kid"] == new_kid, timeout=15)
+    extended = [e for e in dep.sidecar.events() if e["event"] == "jwks_extended"]
+    assert len(extended) == 1 and extended[0]["kids"] == [new_kid]
+    assert set(parse_jwks(json.loads((dep.state_dir / "jwks.json").read_text()))) == {old_kid, new_kid}
+    time.sleep(4)  # past the expiry of every token signed by the old key (ttl 3 s)
+    st = dep.sidecar.model_state()
+    assert st["state"] == "unlocked" and st["source"] == "server"
+    assert run_client(MODEL_ID, dep.socket)["sha256"] == hashlib.sha256(dep.original.read_bytes()).hexdigest()
+    assert jwt.get_unverified_header(token_file.read_text())["kid"] == new_kid

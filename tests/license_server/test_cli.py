@@ -195,3 +195,27 @@ def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server)
     license_server.start()
     assert license_server.api("GET", "/v1/keys").status_code == 401
     assert license_server.api("GET", "/v1/keys", key=second["api_key"]).status_code == 200
+
+
+def test_signing_rotation_publishes_endorsement_chain(license_server):
+    """Each rotated-in key is endorsed by the key it replaced; `init`'s key carries none."""
+    from shared.tokens import extend_pinned
+
+    def document() -> dict:
+        return requests.get(license_server.url + "/.well-known/jwks.json", timeout=5).json()
+
+    first = document()
+    assert len(first["keys"]) == 1 and "llk_endorsement" not in first["keys"][0]
+    pinned = parse_jwks(first)
+    kids = []
+    for _ in range(2):
+        res = cli(license_server, "keys", "rotate-signing", "--json")
+        assert res.exit_code == 0, res.output
+        kids.append(json.loads(res.output)["kid"])
+    time.sleep(1.1)  # workers re-read the key dir at most once a second
+    doc = document()
+    by_kid = {k["kid"]: k for k in doc["keys"]}
+    assert set(by_kid) == set(pinned) | set(kids)
+    assert all("llk_endorsement" in by_kid[k] for k in kids)
+    assert set(extend_pinned(pinned, doc)) == set(by_kid)  # the chain of two rotations resolves
+    assert parse_jwks(doc).keys() == by_kid.keys()  # still a plain JWKS to its old consumers

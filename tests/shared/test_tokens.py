@@ -154,3 +154,93 @@ def test_oversized_and_mistyped_claims_rejected(key, pinned):
     token = jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": jwk_thumbprint(key.public_key())})
     with pytest.raises(TokenError, match="'wk' must be a string"):
         verify_token(token, pinned, machine_code=MACHINE)
+
+
+# --- key endorsement (signing-key rotation without re-enrollment) ------------------------------
+
+def _rotated(endorser: ed25519.Ed25519PrivateKey, **jws_over: object) -> tuple[ed25519.Ed25519PrivateKey, dict]:
+    """A new key and its JWKS entry carrying ``endorser``'s endorsement."""
+    from shared.tokens import public_jwk, sign_endorsement
+
+    new = ed25519.Ed25519PrivateKey.generate()
+    entry = public_jwk(new.public_key())
+    entry["llk_endorsement"] = sign_endorsement(endorser, new.public_key())
+    entry.update(jws_over)  # type: ignore[arg-type]
+    return new, entry
+
+
+def test_endorsement_chain_of_two_rotations_accepted_in_any_order(key, pinned):
+    from shared.tokens import extend_pinned
+
+    k1, e1 = _rotated(key)
+    k2, e2 = _rotated(k1)
+    doc = {"keys": [e2, e1]}  # the newest first: the chain resolves regardless of order
+    extended = extend_pinned(pinned, doc)
+    assert set(extended) == set(pinned) | {e1["kid"], e2["kid"]}
+    assert pinned == parse_jwks(jwks([key.public_key()]))  # the input is not mutated
+    token = sign_token(_claims(), k2)
+    assert verify_token(token, extended, machine_code=MACHINE, model_id="model-a").lic == "lic_1"
+
+
+def test_endorsement_by_unpinned_key_ignored(pinned):
+    from shared.tokens import extend_pinned
+
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    _, entry = _rotated(stranger)
+    # even with the stranger itself listed (unendorsed) in the document
+    assert extend_pinned(pinned, {"keys": [jwks([stranger.public_key()])["keys"][0], entry]}) == pinned
+
+
+def test_tampered_endorsement_ignored(key, pinned):
+    from shared.tokens import extend_pinned
+
+    _, entry = _rotated(key)
+    head, body, sig = entry["llk_endorsement"].split(".")
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    assert extend_pinned(pinned, {"keys": [{**entry, "llk_endorsement": f"{head}.{body}.{flipped}"}]}) == pinned
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    forged = _forge(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4))),
+                    {**payload, "iat": payload["iat"] + 1}, base64.urlsafe_b64decode(sig + "=="))
+    assert extend_pinned(pinned, {"keys": [{**entry, "llk_endorsement": forged}]}) == pinned
+
+
+def test_endorsement_for_a_different_key_ignored(key, pinned):
+    from shared.tokens import extend_pinned
+
+    _, endorsed = _rotated(key)
+    other = ed25519.Ed25519PrivateKey.generate()
+    entry = {**jwks([other.public_key()])["keys"][0], "llk_endorsement": endorsed["llk_endorsement"]}
+    assert extend_pinned(pinned, {"keys": [entry]}) == pinned
+    # an endorsement whose x names another key than its endorses kid is no good either
+    from shared.tokens import sign_endorsement
+
+    jws = sign_endorsement(key, other.public_key())
+    head, body, _ = jws.split(".")
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    mixed = jwt.encode({**payload, "endorses": endorsed["kid"]}, key, algorithm="EdDSA",
+                       headers={"kid": jwk_thumbprint(key.public_key()), "typ": "llk-endorse+jwt"})
+    assert extend_pinned(pinned, {"keys": [{**endorsed, "llk_endorsement": mixed}]}) == pinned
+
+
+def test_alg_none_and_hs256_endorsements_ignored(key, pinned):
+    from shared.tokens import extend_pinned
+
+    new = ed25519.Ed25519PrivateKey.generate()
+    entry = jwks([new.public_key()])["keys"][0]
+    payload = {"endorses": entry["kid"], "x": entry["x"], "iat": int(time.time())}
+    header = {"kid": jwk_thumbprint(key.public_key()), "typ": "llk-endorse+jwt"}
+    none = _forge({**header, "alg": "none"}, payload)
+    secret = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    hs = jwt.api_jws.PyJWS().encode(json.dumps(payload).encode(), key=secret, algorithm="HS256", headers=header)
+    for jws in (none, hs):
+        assert extend_pinned(pinned, {"keys": [{**entry, "llk_endorsement": jws}]}) == pinned
+
+
+def test_extend_pinned_skips_malformed_entries(key, pinned):
+    from shared.tokens import extend_pinned
+
+    _, good = _rotated(key)
+    doc = {"keys": ["junk", {"kty": "RSA"}, {"kty": "OKP", "crv": "Ed25519", "x": "!!"},
+                    {**good, "kid": "not-the-thumbprint"}, good]}
+    assert set(extend_pinned(pinned, doc)) == set(pinned) | {good["kid"]}
+    assert extend_pinned(pinned, {"nokeys": 1}) == pinned

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import time
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from verifier_helpers import FakeServer, enroll_machine, protect_model, write_config
 
+from shared.keys import jwk_thumbprint
+from shared.tokens import jwks, sign_endorsement
 from verifier.config import load_config
 from verifier.daemon import Daemon
 from verifier.errors import ModelUnavailable
@@ -267,3 +271,67 @@ def test_pins_in_the_background_after_serving(setup, capsys):
     finally:
         d.stop()
     assert not d.slots["model-a"].model
+
+
+class RotatingServer(FakeServer):
+    """A FakeServer that also serves a JWKS document, counting the fetches."""
+
+    def __init__(self, machine, ttl: int = 60) -> None:
+        super().__init__(machine, ttl)
+        self.jwks_doc: dict = jwks([machine.server_key.public_key()])
+        self.fetches = 0
+
+    def fetch_jwks(self) -> dict:
+        self.fetches += 1
+        return self.jwks_doc
+
+    def rotate(self, *, endorse: bool = True) -> str:
+        """The server's ``keys rotate-signing``: a new signing key, the old one still published."""
+        old = self.machine.server_key
+        new = ed25519.Ed25519PrivateKey.generate()
+        kid = jwk_thumbprint(new.public_key())
+        ends = {kid: sign_endorsement(old, new.public_key())} if endorse else {}
+        self.jwks_doc = jwks([new.public_key(), old.public_key()], ends)
+        self.machine.server_key = new
+        return kid
+
+
+def test_rotated_signing_key_pinned_through_endorsement(setup, capsys):
+    cfg, machine, _ = setup
+    server = RotatingServer(machine)
+    d = start(cfg, machine, server)
+    try:
+        before = server.calls
+        new_kid = server.rotate()
+        renew_now(d)
+        assert wait_for(lambda: d.slots["model-a"].renew_at > time.time() + 10 and server.calls > before)
+        assert d.status()["models"][0]["state"] == "unlocked"
+        assert new_kid in d.jwks and new_kid in machine.state.load_jwks()  # persisted like enroll does
+        assert server.fetches == 1
+        cached = (machine.state.tokens / "model-a.jwt").read_text()
+        assert jwt.get_unverified_header(cached)["kid"] == new_kid
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        ext = [e for e in events if e.get("event") == "jwks_extended"]
+        assert len(ext) == 1 and ext[0]["kids"] == [new_kid]
+    finally:
+        d.stop()
+
+
+def test_unendorsed_key_not_trusted_and_fetch_rate_limited(setup):
+    cfg, machine, _ = setup
+    server = RotatingServer(machine)
+    d = start(cfg, machine, server)
+    try:
+        pinned_file = machine.state.jwks_file.read_bytes()
+        new_kid = server.rotate(endorse=False)
+        for _ in range(3):
+            calls = server.calls
+            renew_now(d)
+            assert wait_for(lambda: server.calls > calls)  # noqa: B023
+        assert wait_for(lambda: d.slots["model-a"].failures >= 3)
+        assert new_kid not in d.jwks and new_kid not in machine.state.load_jwks()
+        assert machine.state.jwks_file.read_bytes() == pinned_file
+        assert server.fetches == 1  # at most once a minute, however often the token is refused
+        assert d.status()["models"][0]["state"] == "unlocked"  # still serving the old token until exp
+    finally:
+        d.stop()
