@@ -53,6 +53,7 @@ def keys_create(client: Client, as_json: bool, role: str, name: str) -> None:
 @keys.command("list")
 @rest_options
 def keys_list(client: Client, as_json: bool) -> None:
+    """List API keys (ids, roles, names; never the keys)."""
     emit(list(client.walk("/v1/keys", {}, None)), as_json, ["id", "role", "status", "name", "created_at"])
 
 
@@ -60,6 +61,7 @@ def keys_list(client: Client, as_json: bool) -> None:
 @click.argument("key_id")
 @rest_options
 def keys_revoke(client: Client, as_json: bool, key_id: str) -> None:
+    """Revoke an API key at once; requests made with it get 401."""
     emit(client.call("POST", f"/v1/keys/{key_id}/revoke"), as_json)
 
 
@@ -89,7 +91,7 @@ def machines() -> None:
 @click.option("--label", "label_pairs", multiple=True, help="key=value (repeatable).")
 @rest_options
 def machines_add(client: Client, as_json: bool, code: str, customer: str, label_pairs: tuple[str, ...]) -> None:
-    """CODE is a machine code (LLK-…) or the enrollment code (LLE1.…) the verifier printed."""
+    """Register a machine. CODE is a machine code (LLK-…) or the enrollment code (LLE1.…) the verifier printed."""
     body: dict[str, Any] = {"customer": customer, "labels": _labels(label_pairs)}
     body["enrollment" if code.startswith("LLE1.") else "machine"] = code
     emit(client.call("POST", "/v1/machines", body), as_json)
@@ -103,6 +105,7 @@ def machines_add(client: Client, as_json: bool, code: str, customer: str, label_
 @rest_options
 def machines_list(client: Client, as_json: bool, customer: str | None, status: str | None, label: str | None,
                   limit: int | None) -> None:
+    """List registered machines, filtered by customer, status or label."""
     items = list(client.walk("/v1/machines", {"customer": customer, "status": status, "label": label}, limit))
     emit(items, as_json, MACHINE_COLS)
 
@@ -111,6 +114,7 @@ def machines_list(client: Client, as_json: bool, customer: str | None, status: s
 @click.argument("code")
 @rest_options
 def machines_show(client: Client, as_json: bool, code: str) -> None:
+    """Show one machine: customer, labels, device class, status."""
     emit(client.call("GET", f"/v1/machines/{code}"), as_json)
 
 
@@ -119,6 +123,7 @@ def machines_show(client: Client, as_json: bool, code: str) -> None:
 @click.option("--label", "label_pairs", multiple=True, required=True, help="key=value; replaces all labels.")
 @rest_options
 def machines_label(client: Client, as_json: bool, code: str, label_pairs: tuple[str, ...]) -> None:
+    """Set labels (KEY=VALUE) on a machine."""
     emit(client.call("PATCH", f"/v1/machines/{code}", {"labels": _labels(label_pairs)}), as_json)
 
 
@@ -126,6 +131,7 @@ def machines_label(client: Client, as_json: bool, code: str, label_pairs: tuple[
 @click.argument("code")
 @rest_options
 def machines_deactivate(client: Client, as_json: bool, code: str) -> None:
+    """Deactivate a machine: its next activation or renewal is refused and its sidecar drops the models."""
     emit(client.call("POST", f"/v1/machines/{code}/deactivate"), as_json)
 
 
@@ -158,6 +164,7 @@ def models_add(client: Client, as_json: bool, sealed_key: Path, model_id: str | 
 @models.command("list")
 @rest_options
 def models_list(client: Client, as_json: bool) -> None:
+    """List registered models (never their data keys)."""
     emit(list(client.walk("/v1/models", {}, None)), as_json, ["model_id", "name", "version", "status", "kek_id"])
 
 
@@ -165,6 +172,7 @@ def models_list(client: Client, as_json: bool) -> None:
 @click.argument("model_id")
 @rest_options
 def models_retire(client: Client, as_json: bool, model_id: str) -> None:
+    """Retire a model: no new licenses or activations for it."""
     emit(client.call("POST", f"/v1/models/{model_id}/retire"), as_json)
 
 
@@ -185,6 +193,7 @@ def licenses() -> None:
 @click.option("--notes")
 @rest_options
 def licenses_issue(client: Client, as_json: bool, **opts: Any) -> None:
+    """Issue a license for one machine and one model (--days or --expires-at)."""
     if opts["days"] is None and opts["expires_at"] is None:
         raise click.UsageError("give --days or --expires-at")
     body = {k: v for k, v in opts.items() if v is not None}
@@ -199,6 +208,7 @@ def licenses_issue(client: Client, as_json: bool, **opts: Any) -> None:
 @click.option("--limit", type=int, default=None)
 @rest_options
 def licenses_list(client: Client, as_json: bool, limit: int | None, **filters: Any) -> None:
+    """List licenses, filtered by machine, model, customer or status."""
     emit(list(client.walk("/v1/licenses", filters, limit)), as_json, LICENSE_COLS)
 
 
@@ -206,6 +216,7 @@ def licenses_list(client: Client, as_json: bool, limit: int | None, **filters: A
 @click.argument("license_id")
 @rest_options
 def licenses_show(client: Client, as_json: bool, license_id: str) -> None:
+    """Show one license with its status and activation count."""
     emit(client.call("GET", f"/v1/licenses/{license_id}"), as_json)
 
 
@@ -214,6 +225,7 @@ def licenses_show(client: Client, as_json: bool, license_id: str) -> None:
 @click.option("--reason", default="")
 @rest_options
 def licenses_revoke(client: Client, as_json: bool, license_id: str, reason: str) -> None:
+    """Revoke a license: its sidecar drops the model at its next renewal (within 2/3 of a token life)."""
     emit(client.call("POST", f"/v1/licenses/{license_id}/revoke", {"reason": reason}), as_json)
 
 
@@ -224,6 +236,7 @@ def licenses_revoke(client: Client, as_json: bool, license_id: str, reason: str)
 @rest_options
 def licenses_extend(client: Client, as_json: bool, license_id: str, days: int | None,
                     expires_at: int | None) -> None:
+    """Extend a license's expiry (--days more, or a new --expires-at)."""
     body = {k: v for k, v in (("days", days), ("expires_at", expires_at)) if v is not None}
     emit(client.call("POST", f"/v1/licenses/{license_id}/extend", body), as_json)
 
