@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable
 from functools import wraps
 from typing import Any
@@ -83,7 +84,8 @@ def emit(doc: Any, as_json: bool, columns: list[str] | None = None) -> None:
     elif isinstance(doc, dict):
         width = max((len(k) for k in doc), default=0)
         for k, v in doc.items():
-            click.echo(f"{k:<{width}}  {v if not isinstance(v, dict | list) else json.dumps(v)}")
+            shown = json.dumps(v) if isinstance(v, dict | list) else _cell(v, k)
+            click.echo(f"{k:<{width}}  {shown}")
     else:
         click.echo(str(doc))
 
@@ -92,16 +94,19 @@ def table(items: list[dict[str, Any]], columns: list[str]) -> None:
     if not items:
         click.echo("(none)", err=not sys.stdout.isatty())
         return
-    rows = [[_cell(item.get(c)) for c in columns] for item in items]
+    rows = [[_cell(item.get(c), c) for c in columns] for item in items]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
+    """People read times as UTC dates; ``--json`` keeps the Unix seconds for scripts."""
     if value is None:
         return "-"
+    if column.endswith(("_at", "not_before")) and isinstance(value, int) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value)) if value > 0 else "-"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
     return str(value)
