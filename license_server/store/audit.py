@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from license_server.redis_conn import Client
 from license_server.store import P, dumps
-from shared.errors import Conflict
+from shared.errors import Conflict, NotFound
 
 STREAM = P + "audit"
 HEAD = P + "audit:head"
@@ -171,6 +172,34 @@ class AuditLog:
                 raise GuardFailed(int(value) - 1)
             prev = value
         raise Conflict("audit log is too contended; retry")
+
+    def update_hash(self, k: str, change: Callable[[dict[str, str]], dict[str, str]],
+                    event: Callable[[dict[str, str], dict[str, str]], tuple[str, dict[str, Any]]], *,
+                    guard: Callable[[Change, dict[str, str]], Change], actor: str, missing: str,
+                    what: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Read the hash ``k`` and the chain head, write ``change(before)`` with the record
+        ``event(before, after) -> (type, fields)`` under ``guard(Change(), before)``; when the
+        guard fails (someone changed the hash meanwhile) read and compute again.
+
+        Optimistic concurrency for every read-modify-write of one hash: the outcome is always
+        one of the serial orders.  Returns (before, after).
+        """
+        for _ in range(50):
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.hgetall(k)
+                pipe.get(HEAD)
+                before, head = pipe.execute()
+            if not before:
+                raise NotFound(missing)
+            fields = change(before)
+            after = {**before, **fields}
+            type_, doc = event(before, after)
+            try:
+                self.commit(type_, guard(Change(), before).hset(k, fields), actor=actor, head=head, **doc)
+            except GuardFailed:
+                continue
+            return before, after
+        raise Conflict(f"{what} is being changed by too many clients at once; retry")
 
     @staticmethod
     def _body(type_: str, actor: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import Any
 
 from license_server.redis_conn import Client
 from license_server.store import P, new_id, now_ms
-from license_server.store.audit import HEAD, AuditLog, Change, GuardFailed
-from shared.errors import Conflict, NotFound
+from license_server.store.audit import AuditLog, Change
+from shared.errors import NotFound
 
 ALL = P + "licenses"
 #: Bumped by every activation; a revoke or extend does not depend on them (no retry storm).
@@ -84,26 +84,15 @@ def mutate(audit: AuditLog, license_id: str, change: Callable[[dict[str, str]], 
     ``event(before, after) -> (type, fields)`` only if the license is still as read (bar the
     activation counters), else again; returns (before, after)."""
     k = key(license_id)
-    for _ in range(50):
-        with audit.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(k)
-            pipe.get(HEAD)
-            before, head = pipe.execute()
-        if not before:
-            raise NotFound(f"license {license_id} does not exist")
-        fields = change(before)
-        after = {**before, **fields}
-        type_, doc = event(before, after)
-        try:
-            txn = Change()
-            for f, v in before.items():  # as read — except the counters every activation bumps
-                if f not in COUNTERS:
-                    txn.guard("eq", k, f, v)
-            audit.commit(type_, txn.hset(k, fields), actor=actor, head=head, **doc)
-        except GuardFailed:
-            continue
-        return before, after
-    raise Conflict("license is being changed by too many clients at once; retry")
+
+    def as_read_but_counters(txn: Change, before: dict[str, str]) -> Change:
+        for f, v in before.items():  # the counters every activation bumps do not matter here
+            if f not in COUNTERS:
+                txn.guard("eq", k, f, v)
+        return txn
+
+    return audit.update_hash(k, change, event, guard=as_read_but_counters, actor=actor,
+                             missing=f"license {license_id} does not exist", what="license")
 
 
 def public_view(rec: dict[str, str]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from license_server.redis_conn import Client
 from license_server.store import P, dumps, now_ms
-from license_server.store.audit import HEAD, AuditLog, Change, GuardFailed
+from license_server.store.audit import AuditLog, Change, GuardFailed
 from shared.enrollment import DeviceClass, Enrollment
 from shared.errors import Conflict, NotFound
 from shared.keys import b64u_encode
@@ -62,20 +62,10 @@ def update(audit: AuditLog, code: str, change: Callable[[dict[str, str]], dict[s
     """Read, compute ``change(rec) -> fields``, write them with the audit record if the machine
     is still as read (else again); returns the updated record."""
     k = key(code)
-    for _ in range(50):
-        with audit.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(k)
-            pipe.get(HEAD)
-            rec, head = pipe.execute()
-        if not rec:
-            raise NotFound(f"machine {code} is not registered")
-        fields = change(rec)
-        try:
-            audit.commit(type_, Change().same_hash(k, rec).hset(k, fields), actor=actor, head=head, **event)
-        except GuardFailed:
-            continue
-        return {**rec, **fields}
-    raise Conflict("machine is being changed by too many clients at once; retry")
+    _, after = audit.update_hash(k, change, lambda _before, _after: (type_, event),
+                                 guard=lambda txn, before: txn.same_hash(k, before), actor=actor,
+                                 missing=f"machine {code} is not registered", what="machine")
+    return after
 
 
 def public_view(rec: dict[str, str]) -> dict[str, Any]:
