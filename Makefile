@@ -46,7 +46,7 @@ bench: install-test ## run the benchmarks in bench/ (prints figures; ~10 minutes
 
 lint: install-test ## ruff on everything, mypy --strict on shared/
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy shared
+	$(VENV)/bin/mypy -p layerlock.shared
 
 clean: ## remove the venv, caches and the demo data dir
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

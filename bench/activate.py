@@ -45,16 +45,18 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = "layerlock.license_server.cli"
+WSGI_APP = "layerlock.license_server.wsgi:app"
 sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from license_server.store import licenses, machines  # noqa: E402
-from shared.activation import make_request  # noqa: E402
-from shared.keys import b64u_decode, x25519_public  # noqa: E402
-from shared.machine import MachineSources, derive_code  # noqa: E402
-from shared.wrap import seal_for_server  # noqa: E402
+from layerlock.license_server.store import licenses, machines  # noqa: E402
+from layerlock.shared.activation import make_request  # noqa: E402
+from layerlock.shared.keys import b64u_decode, x25519_public  # noqa: E402
+from layerlock.shared.machine import MachineSources, derive_code  # noqa: E402
+from layerlock.shared.wrap import seal_for_server  # noqa: E402
 from tests.license_server.ls_helpers import new_machine  # noqa: E402
 
 
@@ -209,7 +211,7 @@ def start_stack(tmp: Path, workers: int, server_threads: int | None = None) -> S
                 break
             except redis.ConnectionError:
                 time.sleep(0.05)
-        init = subprocess.run([sys.executable, "-m", "license_server.cli", "init", "--data-dir", str(tmp / "srv"),
+        init = subprocess.run([sys.executable, "-m", CLI, "init", "--data-dir", str(tmp / "srv"),
                                "--json"], env=env, cwd=REPO, capture_output=True, text=True, check=True)
         admin = json.loads(init.stdout)
         genv = dict(env, LAYERLOCK_DATA_DIR=str(tmp / "srv"), LAYERLOCK_REDIS_URL=f"redis://127.0.0.1:{rport}/0",
@@ -220,7 +222,7 @@ def start_stack(tmp: Path, workers: int, server_threads: int | None = None) -> S
             genv["LAYERLOCK_THREADS"] = str(server_threads)
         with open(tmp / "gunicorn.log", "wb") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
-                                           str(REPO / "deploy" / "gunicorn.conf.py"), "license_server.wsgi:app"],
+                                           str(REPO / "deploy" / "gunicorn.conf.py"), WSGI_APP],
                                           env=genv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                                           stderr=log))
         for _ in range(300):

@@ -62,7 +62,7 @@ def _child(args: list[str]) -> None:
         elapsed = time.perf_counter() - t0
         del tensors
     else:
-        from shared.lockfile import restore, restore_to
+        from layerlock.shared.lockfile import restore, restore_to
 
         (bundle,) = rest
         key = bytes.fromhex(sys.stdin.readline().strip())  # never on the command line: ps shows argv
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     args = ap.parse_args()
 
-    from shared.lockfile import protect
+    from layerlock.shared.lockfile import protect
 
     work = Path(tempfile.mkdtemp(prefix="llk-bench-", dir=args.workdir))
     try:

@@ -52,10 +52,10 @@ sys.path.insert(0, str(REPO))
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from shared.keys import b64u_decode, x25519_public  # noqa: E402
-from shared.lockfile import protect  # noqa: E402
-from shared.wrap import seal_for_server  # noqa: E402
-from verifier import client  # noqa: E402
+from layerlock.shared.keys import b64u_decode, x25519_public  # noqa: E402
+from layerlock.shared.lockfile import protect  # noqa: E402
+from layerlock.shared.wrap import seal_for_server  # noqa: E402
+from layerlock.verifier import client  # noqa: E402
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

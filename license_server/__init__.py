@@ -1,1 +1,1 @@
-"""The license server: Flask app (factory in :mod:`license_server.app`) + gunicorn + Redis."""
+"""The license server: Flask app (factory in :mod:`layerlock.license_server.app`) + gunicorn + Redis."""

@@ -2,7 +2,7 @@
 
 Everything a request needs (Redis client, key store, audit log, suite policy) is built here once
 per worker and kept in :class:`Services`; blueprints reach it through :func:`services`.  All
-error-to-HTTP mapping happens in :func:`_register_errors`, using ``shared.errors``' ``code`` and
+error-to-HTTP mapping happens in :func:`_register_errors`, using ``layerlock.shared.errors``' ``code`` and
 ``http_status`` — the one place a failure becomes a status code.
 """
 
@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from license_server import logs, metrics
-from license_server.config import ServerConfig
-from license_server.keystore import KeyStore
-from license_server.policy import SuitePolicy
-from license_server.redis_conn import REDIS_DOWN, Client, connect
-from license_server.store import apikeys
-from license_server.store.audit import AuditLog
-from license_server.store.guards import ActivationReader
-from shared.errors import LayerlockError, PayloadTooLarge, Unavailable
+from layerlock.license_server import logs, metrics
+from layerlock.license_server.config import ServerConfig
+from layerlock.license_server.keystore import KeyStore
+from layerlock.license_server.policy import SuitePolicy
+from layerlock.license_server.redis_conn import REDIS_DOWN, Client, connect
+from layerlock.license_server.store import apikeys
+from layerlock.license_server.store.audit import AuditLog
+from layerlock.license_server.store.guards import ActivationReader
+from layerlock.shared.errors import LayerlockError, PayloadTooLarge, Unavailable
 
 log = logging.getLogger("layerlock")
 
@@ -70,7 +70,7 @@ def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> F
     except REDIS_DOWN:
         log.warning("redis unreachable at startup; will retry", extra={"fields": {"event": "startup"}})
 
-    from license_server.api import activation, audit, keys, licenses, machines, models, system
+    from layerlock.license_server.api import activation, audit, keys, licenses, machines, models, system
 
     for bp in (system.bp, machines.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp):
         app.register_blueprint(bp)

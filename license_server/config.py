@@ -2,7 +2,7 @@
 
 Why one object: every tunable (timeouts, limits, lifetimes) is visible in one place, read once
 from ``LAYERLOCK_*`` environment variables and/or a TOML file (``LAYERLOCK_CONFIG``), and handed
-to :func:`license_server.app.create_app`.  Nothing deeper in the code reads the environment.
+to :func:`layerlock.license_server.app.create_app`.  Nothing deeper in the code reads the environment.
 Environment variables win over the TOML file so a systemd drop-in can override one value.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from layerlock.shared.errors import ConfigError
 
 DEFAULT_DATA_DIR = "/var/lib/layerlock"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import redis
 
-from shared.errors import ConfigError
-from shared.keys import ensure_private_dir
+from layerlock.shared.errors import ConfigError
+from layerlock.shared.keys import ensure_private_dir
 
 
 def find_redis_server() -> str | None:

@@ -37,7 +37,7 @@ logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "root": {"level": "INFO", "handlers": ["error_console"]},
-    "formatters": {"json": {"()": "license_server.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "layerlock.license_server.logs.JsonFormatter"}},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
         "error_console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
@@ -70,7 +70,7 @@ _embedded: Any = None
 
 def on_starting(server: Any) -> None:
     global _embedded
-    from license_server.config import ServerConfig
+    from layerlock.license_server.config import ServerConfig
 
     cfg = ServerConfig.load()
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -79,7 +79,7 @@ def on_starting(server: Any) -> None:
         prom.mkdir(parents=True, mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     if not cfg.redis_url:
-        from license_server.embedded_redis import EmbeddedRedis
+        from layerlock.license_server.embedded_redis import EmbeddedRedis
 
         _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
         os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()

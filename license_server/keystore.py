@@ -29,8 +29,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shared.errors import ConfigError, WrapError
-from shared.keys import (
+from layerlock.shared.errors import ConfigError, WrapError
+from layerlock.shared.keys import (
     b64u_decode,
     b64u_encode,
     ensure_private_dir,
@@ -41,7 +41,7 @@ from shared.keys import (
     read_secret_file,
     write_secret_file,
 )
-from shared.tokens import sign_endorsement
+from layerlock.shared.tokens import sign_endorsement
 
 _KEK_AAD = b"layerlock-kek-v1\0"
 

@@ -20,9 +20,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from shared.enrollment import DeviceClass
-from shared.errors import ConfigError
-from shared.wrap import DEFAULT_SUITE, HYBRID_SUITES, SUITES
+from layerlock.shared.enrollment import DeviceClass
+from layerlock.shared.errors import ConfigError
+from layerlock.shared.wrap import DEFAULT_SUITE, HYBRID_SUITES, SUITES
 
 CHACHA = "X25519-SHA256-CHACHA20POLY1305"
 DEFAULT_TREE: dict[str, Any] = {"suite": DEFAULT_SUITE, "vendors": {}}

@@ -15,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from shared.errors import ConfigError
+from layerlock.shared.errors import ConfigError
 
 #: The client as the rest of the code sees it.  ``Any`` on purpose: redis-py's annotations type every
 #: reply as ``bytes | str`` whatever ``decode_responses`` says, so precise types here would be wrong.

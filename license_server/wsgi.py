@@ -1,6 +1,6 @@
-"""WSGI entry point for gunicorn (``license_server.wsgi:app``): config from the environment."""
+"""WSGI entry point for gunicorn (``layerlock.license_server.wsgi:app``): config from the environment."""
 
-from license_server.app import create_app
-from license_server.config import ServerConfig
+from layerlock.license_server.app import create_app
+from layerlock.license_server.config import ServerConfig
 
 app = create_app(ServerConfig.load())

@@ -18,9 +18,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import InvalidInput, SignatureError
-from shared.keys import b64u_decode, b64u_encode
-from shared.machine import normalize_code
+from layerlock.shared.errors import InvalidInput, SignatureError
+from layerlock.shared.keys import b64u_decode, b64u_encode
+from layerlock.shared.machine import normalize_code
 
 _DOMAIN = b"layerlock-activate-v1\0"
 MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

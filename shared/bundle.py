@@ -7,12 +7,12 @@ Layout (all integers big-endian)::
 
 The header lists the locked tensors (name, dtype, shape, offset, length in the locked file),
 the sizes that fix the chunk layout, the per-bundle salt and the locked file's digest and MAC.
-The chunks themselves are sealed and opened by :mod:`shared.chunks`.
+The chunks themselves are sealed and opened by :mod:`layerlock.shared.chunks`.
 
 Parsing is defensive: every length and offset read from an untrusted bundle is bounded before it
-is used, and a malformed bundle can only ever raise a :class:`~shared.errors.BundleFormatError`.
+is used, and a malformed bundle can only ever raise a :class:`~layerlock.shared.errors.BundleFormatError`.
 A header is *sanity-checked* here but only *authenticated* once a data key checks it
-(:func:`shared.chunks.key_check`).
+(:func:`layerlock.shared.chunks.key_check`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.activation import MODEL_ID_RE as _MODEL_ID_RE
-from shared.errors import BundleFormatError, LockError
-from shared.formats import ITEMSIZE, TensorInfo
+from layerlock.shared.activation import MODEL_ID_RE as _MODEL_ID_RE
+from layerlock.shared.errors import BundleFormatError, LockError
+from layerlock.shared.formats import ITEMSIZE, TensorInfo
 
 MAGIC = b"LLKBNDL\n"
 VERSION = 1

@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.bundle import CHECK, TAG, BundleHeader, BundleReader, chunk_count
-from shared.errors import BundleIntegrityError
-from shared.formats import TensorInfo
+from layerlock.shared.bundle import CHECK, TAG, BundleHeader, BundleReader, chunk_count
+from layerlock.shared.errors import BundleIntegrityError
+from layerlock.shared.formats import TensorInfo
 
 KEY_BYTES = 32
 _KDF_INFO = b"layerlock-bundle-v1"

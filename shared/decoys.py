@@ -21,8 +21,8 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.chunks import Progress
-from shared.formats import FLOAT_DTYPES, ITEMSIZE, TensorInfo
+from layerlock.shared.chunks import Progress
+from layerlock.shared.formats import FLOAT_DTYPES, ITEMSIZE, TensorInfo
 
 # dtype code -> numpy dtype used to read values (BF16 is read as raw uint16 and widened).
 _NP: dict[str, str] = {

@@ -19,9 +19,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import InvalidInput, SignatureError
-from shared.keys import b64u_decode, b64u_encode, ed25519_public, mlkem768_public, x25519_public
-from shared.machine import normalize_code
+from layerlock.shared.errors import InvalidInput, SignatureError
+from layerlock.shared.keys import b64u_decode, b64u_encode, ed25519_public, mlkem768_public, x25519_public
+from layerlock.shared.machine import normalize_code
 
 PREFIX = "LLE1"
 _DOMAIN = b"layerlock-enroll-v1\0"

@@ -13,9 +13,9 @@ restoring is "copy the locked file, put the real bytes back", bit-exact by const
   directly (no dependency, exact byte offsets).  Initializers stored as typed fields
   (``float_data``...) are first normalised to ``raw_data`` with the optional ``onnx`` package;
   the restored bytes are then that normalised serialization, which loads to the same model.
-  The wire-format walker lives in :mod:`shared.onnxfile`.
+  The wire-format walker lives in :mod:`layerlock.shared.onnxfile`.
 
-The decoys written over locked ranges live in :mod:`shared.decoys`.
+The decoys written over locked ranges live in :mod:`layerlock.shared.decoys`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shared.errors import UnsupportedModel
+from layerlock.shared.errors import UnsupportedModel
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
 SAFETENSORS_HEADER_CAP = 100 * 1024 * 1024  # safetensors' own limit
@@ -200,7 +200,7 @@ def open_plain(src: Path, workdir: Path) -> PlainModel:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    from shared.onnxfile import normalize_onnx, onnx_index  # imports this module: import here
+    from layerlock.shared.onnxfile import normalize_onnx, onnx_index  # imports this module: import here
 
     buf = src.read_bytes()
     tensors, typed = onnx_index(buf, src.name)

@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from shared.errors import ConfigError, InvalidInput
+from layerlock.shared.errors import ConfigError, InvalidInput
 
 
 def b64u_encode(data: bytes) -> str:

@@ -1,27 +1,27 @@
 """The lock format: a locked model file plus its ``.llk`` restoration bundle -- the public API.
 
-Protect copies the model's plain file (see :mod:`shared.formats`) and overwrites the byte ranges
-of the selected tensors with decoys (:mod:`shared.decoys`), so the locked file keeps the exact
+Protect copies the model's plain file (see :mod:`layerlock.shared.formats`) and overwrites the byte ranges
+of the selected tensors with decoys (:mod:`layerlock.shared.decoys`), so the locked file keeps the exact
 header and layout of the original.  The real bytes of those ranges, concatenated in file order,
-are encrypted into the bundle.  Restore (:mod:`shared.restore`) is then "copy the locked file,
+are encrypted into the bundle.  Restore (:mod:`layerlock.shared.restore`) is then "copy the locked file,
 write the real bytes back": bit-exact by construction, one sequential pass, memory = the output
 + a few chunk-sized buffers.
 
 Where each part lives:
 
-* :mod:`shared.bundle` -- the container: layout, header JSON, defensive parsing
+* :mod:`layerlock.shared.bundle` -- the container: layout, header JSON, defensive parsing
   (:class:`BundleHeader`, :func:`read_header`);
-* :mod:`shared.chunks` -- the cryptography: per-bundle subkeys, key check, chunked AES-256-GCM
+* :mod:`layerlock.shared.chunks` -- the cryptography: per-bundle subkeys, key check, chunked AES-256-GCM
   (nonces and associated data), the AES-GMAC of the locked file;
-* :mod:`shared.decoys` -- the values written over locked tensors, derived from the data key;
-* :mod:`shared.restore` -- :func:`restore` and :func:`restore_to`;
+* :mod:`layerlock.shared.decoys` -- the values written over locked tensors, derived from the data key;
+* :mod:`layerlock.shared.restore` -- :func:`restore` and :func:`restore_to`;
 * here -- :func:`protect` and :class:`ProtectResult`, and re-exports of the names above so
   ``from shared.lockfile import ...`` stays the one import callers need.
 
 The header carries the SHA-256 of the locked file (``locked_digest``: keyless identification,
 e.g. to match files to bundles) and an AES-GMAC tag of it under a key derived from the data key
 (``locked_mac``), which is what restore checks.  Parsing is defensive: an untrusted bundle can
-only ever raise a :class:`~shared.errors.LockError`.
+only ever raise a :class:`~layerlock.shared.errors.LockError`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shared import formats
-from shared.bundle import (
+from layerlock.shared import formats
+from layerlock.shared.bundle import (
     CHECK,
     DEFAULT_CHUNK,
     FORMATS,
@@ -62,12 +62,12 @@ from shared.bundle import (
     representable,
     valid_model_id,
 )
-from shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, write_sealed
-from shared.decoys import write_decoys
-from shared.errors import BundleFormatError, InvalidInput, LockError
-from shared.formats import TensorInfo, create_new
-from shared.restore import restore, restore_to
-from shared.selection import LockPolicy, select
+from layerlock.shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, write_sealed
+from layerlock.shared.decoys import write_decoys
+from layerlock.shared.errors import BundleFormatError, InvalidInput, LockError
+from layerlock.shared.formats import TensorInfo, create_new
+from layerlock.shared.restore import restore, restore_to
+from layerlock.shared.selection import LockPolicy, select
 
 __all__ = [
     "CHECK", "DEFAULT_CHUNK", "FORMATS", "HEADER_CAP", "KDF", "MAGIC", "MAX_CHUNK", "MIN_CHUNK", "NAME_CAP",

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.errors import MachineCodeError
+from layerlock.shared.errors import MachineCodeError
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CHECK_ALPHABET = _ALPHABET + "*~$=U"

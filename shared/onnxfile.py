@@ -1,13 +1,13 @@
 """ONNX models: initializers located by walking the protobuf wire format directly.
 
 No dependency and exact byte offsets: an initializer stored as ``raw_data`` is one contiguous
-byte range of the file, which is all locking needs (see :mod:`shared.formats`).  Initializers
+byte range of the file, which is all locking needs (see :mod:`layerlock.shared.formats`).  Initializers
 stored as typed fields (``float_data``...) have no such range; :func:`normalize_onnx` rewrites
 them as ``raw_data`` with the optional ``onnx`` package first.
 
 The walker is defensive: every varint and length is bounded by the enclosing field before use,
 and only the two levels it needs (ModelProto.graph, GraphProto.initializer) are descended, so a
-hostile file can raise :class:`~shared.errors.UnsupportedModel` but not recurse or read past its end.
+hostile file can raise :class:`~layerlock.shared.errors.UnsupportedModel` but not recurse or read past its end.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from shared.errors import UnsupportedModel
-from shared.formats import ITEMSIZE, MAX_RANK, TensorInfo
+from layerlock.shared.errors import UnsupportedModel
+from layerlock.shared.formats import ITEMSIZE, MAX_RANK, TensorInfo
 
 # ONNX TensorProto.DataType -> our dtype code (types without a fixed byte layout are left out).
 _ONNX_DTYPES = {1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL",

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import InvalidInput, LayerlockError
-from shared.formats import MODEL_SUFFIXES
-from shared.lockfile import ProtectResult, protect
-from shared.selection import LockPolicy
+from layerlock.shared.errors import InvalidInput, LayerlockError
+from layerlock.shared.formats import MODEL_SUFFIXES
+from layerlock.shared.lockfile import ProtectResult, protect
+from layerlock.shared.selection import LockPolicy
 
 
 @dataclass

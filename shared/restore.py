@@ -3,11 +3,11 @@
 Restore is "copy the locked file, write the real bytes back": one sequential pass over the
 locked file in which bytes outside the locked tensors are copied, the decoy ranges are read
 only to be authenticated, and the real bytes are decrypted chunk by chunk
-(:class:`shared.chunks.ChunkOpener`) straight into the output.  Every byte of the locked file
-goes through the GMAC (:class:`shared.chunks.LockedMac`), so a locked file from another protect
-run, or an edited one, is refused as :class:`~shared.errors.LockedFileMismatch`.
+(:class:`layerlock.shared.chunks.ChunkOpener`) straight into the output.  Every byte of the locked file
+goes through the GMAC (:class:`layerlock.shared.chunks.LockedMac`), so a locked file from another protect
+run, or an edited one, is refused as :class:`~layerlock.shared.errors.LockedFileMismatch`.
 
-Order of checks: the bundle header is parsed and bounded (:mod:`shared.bundle`), then the key
+Order of checks: the bundle header is parsed and bounded (:mod:`layerlock.shared.bundle`), then the key
 check authenticates it under the data key -- before any size from it is used to allocate --
 then the locked file's size must equal the header's.  Memory stays at the output plus a few
 chunk-sized buffers.
@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from shared.bundle import CHECK, BundleHeader, BundleReader
-from shared.chunks import ChunkOpener, LockedMac, check_data_key, key_matches, subkeys
-from shared.errors import BundleIntegrityError, LockedFileMismatch
+from layerlock.shared.bundle import CHECK, BundleHeader, BundleReader
+from layerlock.shared.chunks import ChunkOpener, LockedMac, check_data_key, key_matches, subkeys
+from layerlock.shared.errors import BundleIntegrityError, LockedFileMismatch
 
 _RESTORE_BLOCK = 4 << 20  # kept bytes are copied in blocks of this size ...
 _POOL = 3  # ... through this many buffers (and as many chunk buffers)

@@ -34,8 +34,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.errors import InvalidInput
-from shared.formats import FLOAT_DTYPES, TensorInfo
+from layerlock.shared.errors import InvalidInput
+from layerlock.shared.formats import FLOAT_DTYPES, TensorInfo
 
 DEFAULT_MIN_FRACTION = 0.5
 

@@ -5,7 +5,7 @@ else, the key is chosen only by ``kid`` from keys the verifier pinned at enrollm
 the token's own header: no ``jwk``/``jku`` honoured), every claim below is required, and the
 subject, model and audience must equal what the caller expects.  ``alg: none``, HS256 signed with
 a public key as the secret, an unknown ``kid`` and a flipped bit all fail the same way: as a
-:class:`~shared.errors.TokenError` that says which check failed, never echoing the token.
+:class:`~layerlock.shared.errors.TokenError` that says which check failed, never echoing the token.
 
 Key endorsement: a signing-key rotation makes the outgoing key sign a small EdDSA JWS naming the
 incoming key (:func:`sign_endorsement`), published as the extra ``llk_endorsement`` member of the
@@ -24,8 +24,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import LayerlockError, TokenError
-from shared.keys import b64u_decode, b64u_encode, ed25519_public, jwk_thumbprint
+from layerlock.shared.errors import LayerlockError, TokenError
+from layerlock.shared.keys import b64u_decode, b64u_encode, ed25519_public, jwk_thumbprint
 
 ALGORITHMS = ["EdDSA"]
 DEFAULT_ISSUER = "layerlock"

@@ -7,7 +7,7 @@ machine.
 
 Suites are named by a short stable string that travels in the token's ``suite`` claim, so the
 verifier knows how to open ``wk`` without guessing.  Which suite a machine gets is chosen by the
-server's device-class policy (:mod:`license_server.policy`).
+server's device-class policy (:mod:`layerlock.license_server.policy`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from shared.errors import WrapError
+from layerlock.shared.errors import WrapError
 
 DEFAULT_SUITE = "X25519-SHA256-AES256GCM"
 SUITES: dict[str, tuple[hpke.KEM, hpke.KDF, hpke.AEAD]] = {
@@ -110,7 +110,7 @@ def intake_info(model_id: str) -> bytes:
 
 def seal_for_server(data_key: bytes, intake_public: x25519.X25519PublicKey, model_id: str) -> dict[str, object]:
     """The ``*.key.sealed`` document: safe to store, mail or upload; only the server opens it."""
-    from shared.keys import b64u_encode
+    from layerlock.shared.keys import b64u_encode
 
     sealed = seal(data_key, intake_public, INTAKE_SUITE, intake_info(model_id))
     return {"v": SEALED_KEY_VERSION, "model": model_id, "suite": INTAKE_SUITE, "sealed": b64u_encode(sealed),
@@ -119,7 +119,7 @@ def seal_for_server(data_key: bytes, intake_public: x25519.X25519PublicKey, mode
 
 def open_from_vendor(doc: object, intake_private: x25519.X25519PrivateKey, model_id: str) -> bytes:
     """Open a sealed-key document for ``model_id``; anything off is a WrapError, no detail leaked."""
-    from shared.keys import b64u_decode
+    from layerlock.shared.keys import b64u_decode
 
     if not isinstance(doc, dict) or doc.get("v") != SEALED_KEY_VERSION:
         raise WrapError("sealed key document has an unknown version")

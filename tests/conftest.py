@@ -1,7 +1,7 @@
 """Fixtures shared by the whole suite: a real Redis and a real license server (gunicorn).
 
 No fakes: ``redis_server`` is a ``redis-server`` process and ``license_server`` is gunicorn with
-``deploy/gunicorn.conf.py`` serving ``license_server.wsgi:app`` on a loopback port, initialised
+``deploy/gunicorn.conf.py`` serving ``layerlock.license_server.wsgi:app`` on a loopback port, initialised
 with ``layerlock init``.  Both are always stopped at teardown (process groups are killed), so
 no test leaves processes behind.
 """
@@ -22,9 +22,11 @@ import pytest
 import redis
 import requests
 
-from license_server.embedded_redis import find_redis_server
+from layerlock.license_server.embedded_redis import find_redis_server
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = "layerlock.license_server.cli"
+WSGI_APP = "layerlock.license_server.wsgi:app"
 PYTHON = sys.executable
 
 
@@ -119,7 +121,7 @@ class LicenseServer:
         self.extra_env = {"LAYERLOCK_MIN_LIFETIME": "2", **(env or {})}
         self.log = data_dir.parent / f"{data_dir.name}-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        out = subprocess.run([PYTHON, "-m", "license_server.cli", "init", "--data-dir", str(data_dir), "--json"],
+        out = subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(data_dir), "--json"],
                              env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
         doc = json.loads(out.stdout)
         self.admin_key: str = doc["admin_api_key"]
@@ -131,7 +133,7 @@ class LicenseServer:
                    **self.extra_env)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "gunicorn", "-c", str(REPO / "deploy" / "gunicorn.conf.py"), "license_server.wsgi:app"],
+                [PYTHON, "-m", "gunicorn", "-c", str(REPO / "deploy" / "gunicorn.conf.py"), WSGI_APP],
                 env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -26,5 +26,5 @@ def test_ruff_is_clean():
 
 
 def test_mypy_strict_on_shared_is_clean():
-    done = subprocess.run([str(BIN / "mypy"), "shared"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([str(BIN / "mypy"), "-p", "layerlock.shared"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

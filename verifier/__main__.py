@@ -1,3 +1,3 @@
-from verifier.cli import main
+from layerlock.verifier.cli import main
 
 main()

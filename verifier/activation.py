@@ -1,8 +1,8 @@
 """HTTP to the license server: fetch its JWKS, send signed activation requests.
 
 Failures are sorted into the two kinds the daemon acts on differently: the server *answered no*
-(:class:`~shared.errors.ActivationDenied` with the documented reason) versus the server could
-not be asked (:class:`~shared.errors.Unavailable`: connection refused, timeout, 5xx/503, garbage).
+(:class:`~layerlock.shared.errors.ActivationDenied` with the documented reason) versus the server could
+not be asked (:class:`~layerlock.shared.errors.Unavailable`: connection refused, timeout, 5xx/503, garbage).
 Only the first can drop a model that is already serving.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import requests
 
-from shared.activation import make_request
-from shared.errors import ActivationDenied, Unavailable
-from verifier.state import MachineKeys
+from layerlock.shared.activation import make_request
+from layerlock.shared.errors import ActivationDenied, Unavailable
+from layerlock.verifier.state import MachineKeys
 
 
 class ServerClient:

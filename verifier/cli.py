@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from shared.errors import LayerlockError
-from verifier import systemd
-from verifier.config import DEFAULT_CONFIG, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Config, load_config
+from layerlock.shared.errors import LayerlockError
+from layerlock.verifier import systemd
+from layerlock.verifier.config import DEFAULT_CONFIG, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Config, load_config
 
 CONFIG_ENV = "LAYERLOCK_VERIFIER_CONFIG"
 
@@ -54,11 +54,11 @@ def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks
            machine_id_file: Path | None, pq: bool, as_json: bool) -> None:
     """Create the machine keys (kept if present), pin the server keys, print the enrollment code."""
     # Imported here, not at the top: `run` and `status` start faster without them.
-    from shared.enrollment import DeviceClass, Enrollment, make_code
-    from shared.keys import raw_public
-    from shared.machine import machine_code
-    from verifier.activation import ServerClient
-    from verifier.state import StateDir
+    from layerlock.shared.enrollment import DeviceClass, Enrollment, make_code
+    from layerlock.shared.keys import raw_public
+    from layerlock.shared.machine import machine_code
+    from layerlock.verifier.activation import ServerClient
+    from layerlock.verifier.state import StateDir
 
     if not server_url and not jwks_file:
         _fail("give --server URL (fetch the server keys) or --jwks-file FILE (air-gapped)")
@@ -131,11 +131,11 @@ def run(config_path: Path) -> None:
 
 
 def serve(config: Config) -> None:
-    from verifier.activation import ServerClient
-    from verifier.daemon import Daemon
-    from verifier.log import log
-    from verifier.server import SocketServer
-    from verifier.state import StateDir
+    from layerlock.verifier.activation import ServerClient
+    from layerlock.verifier.daemon import Daemon
+    from layerlock.verifier.log import log
+    from layerlock.verifier.server import SocketServer
+    from layerlock.verifier.state import StateDir
 
     stop = threading.Event()
 
@@ -205,8 +205,8 @@ def _when(ts: Any) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: Path, socket_path: str | None, as_json: bool) -> None:
     """Ask the running daemon: machine code, each model's state, token expiry, next renewal."""
-    from verifier import client
-    from verifier.errors import SidecarRefused, SidecarUnavailable
+    from layerlock.verifier import client
+    from layerlock.verifier.errors import SidecarRefused, SidecarUnavailable
 
     path = socket_path or _socket_from(config_path)
     try:

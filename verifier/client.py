@@ -3,7 +3,7 @@
 The default transfer is a sealed memfd passed over the socket (SCM_RIGHTS): the client maps the
 sidecar's pages read-only, so nothing is copied through the socket and nothing touches the disk.
 ``transfer="stream"`` asks for the bytes instead (for clients that cannot receive descriptors).
-Refusals raise :class:`verifier.errors.SidecarRefused` carrying the sidecar's reason code.
+Refusals raise :class:`layerlock.verifier.errors.SidecarRefused` carrying the sidecar's reason code.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import ProtocolError, UnsupportedModel
-from verifier import protocol
-from verifier.errors import SidecarRefused, SidecarUnavailable
+from layerlock.shared.errors import ProtocolError, UnsupportedModel
+from layerlock.verifier import protocol
+from layerlock.verifier.errors import SidecarRefused, SidecarUnavailable
 
 DEFAULT_SOCKET = "/run/layerlock/verifier.sock"
 SOCKET_ENV = "LAYERLOCK_SOCKET"

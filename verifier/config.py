@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from shared.activation import MODEL_ID_RE
-from shared.errors import ConfigError
+from layerlock.shared.activation import MODEL_ID_RE
+from layerlock.shared.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/layerlock/verifier.toml"
 DEFAULT_STATE_DIR = "/var/lib/layerlock"
@@ -96,13 +96,13 @@ def _file(issues: _Issues, base: Path, key: str, value: str) -> Path:
 def _check_header(issues: _Issues, key: str, model: ModelConfig) -> None:
     """The bundle must be a layerlock bundle for this very model id (catches swapped paths)."""
     try:  # the narrow module first: the facade also imports numpy (protect), ~0.1 s of start-up
-        from shared.bundle import read_header
+        from layerlock.shared.bundle import read_header
     except ImportError:
         try:
-            from shared.lockfile import read_header
+            from layerlock.shared.lockfile import read_header
         except ImportError:
             return
-    from shared.errors import LayerlockError
+    from layerlock.shared.errors import LayerlockError
 
     try:
         header = read_header(model.bundle)

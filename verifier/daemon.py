@@ -3,7 +3,7 @@
 One thread per configured model runs its activation/renewal loop; the socket server only ever
 reads the slot's state.  The rules, in the order they are applied:
 
-* A token is accepted only through :func:`verifier.unlock.accept_token`.
+* A token is accepted only through :func:`layerlock.verifier.unlock.accept_token`.
 * Renewal is due at the token's ``rna`` (about two thirds of its life); failures back off
   exponentially with jitter, between ``retry_min`` and ``retry_max``.
 * The server *cannot be asked* (network error, timeout, 503): keep serving until ``exp``, then
@@ -13,7 +13,7 @@ reads the slot's state.  The rules, in the order they are applied:
   refuse clients with that reason.  Retries continue slowly, so a re-issued license heals.
 * A server token signed by a key that is not pinned (the server rotated its signing key): fetch
   the JWKS (at most once a minute), pin the keys endorsed by already-pinned ones
-  (:func:`shared.tokens.extend_pinned`), persist them and try the token once more.
+  (:func:`layerlock.shared.tokens.extend_pinned`), persist them and try the token once more.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from typing import Any, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
-from shared.machine import machine_code
-from shared.tokens import LicenseClaims, extend_pinned, jwks
-from verifier.config import Config, ModelConfig
-from verifier.errors import ModelUnavailable
-from verifier.log import log
-from verifier.memory import SealedModel
-from verifier.state import MachineKeys, StateDir
-from verifier.unlock import accept_token, restore_model
+from layerlock.shared.errors import ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
+from layerlock.shared.machine import machine_code
+from layerlock.shared.tokens import LicenseClaims, extend_pinned, jwks
+from layerlock.verifier.config import Config, ModelConfig
+from layerlock.verifier.errors import ModelUnavailable
+from layerlock.verifier.log import log
+from layerlock.verifier.memory import SealedModel
+from layerlock.verifier.state import MachineKeys, StateDir
+from layerlock.verifier.unlock import accept_token, restore_model
 
 TRANSIENT_DENIALS = frozenset({"rate_limited", "replay", "stale_request"})
 LOCKED, UNLOCKED, REFUSED = "locked", "unlocked", "refused"
@@ -298,7 +298,7 @@ class Daemon:
             return kid in self.jwks
 
     def _pin_later(self, model: SealedModel) -> None:
-        """``mlock`` a freshly served model off the critical path (see :mod:`verifier.memory`).
+        """``mlock`` a freshly served model off the critical path (see :mod:`layerlock.verifier.memory`).
 
         Faulting every page into our mapping costs ~0.1 s/GiB; READY=1 and the first ``get``
         need not wait for it.  A drop meanwhile still zeroes the pages.

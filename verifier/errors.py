@@ -1,4 +1,4 @@
-"""Verifier-side refinements of :class:`shared.errors.VerifierError`.
+"""Verifier-side refinements of :class:`layerlock.shared.errors.VerifierError`.
 
 The inference process branches on ``code`` (the sidecar's reason: ``revoked``, ``token_expired``,
 ``peer_not_allowed``…), so every refusal that crosses the socket comes back as one of these with
@@ -7,7 +7,7 @@ the sidecar's reason code intact, never as a bare OSError or a KeyError.
 
 from __future__ import annotations
 
-from shared.errors import VerifierError
+from layerlock.shared.errors import VerifierError
 
 
 class SidecarRefused(VerifierError):

@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from verifier.errors import ModelUnavailable
+from layerlock.verifier.errors import ModelUnavailable
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _BASE_SEALS = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL

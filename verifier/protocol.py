@@ -15,7 +15,7 @@ import socket
 import struct
 from typing import Any
 
-from shared.errors import ProtocolError
+from layerlock.shared.errors import ProtocolError
 
 MAX_FRAME = 64 * 1024
 MAX_CHUNK = 1 << 20

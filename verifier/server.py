@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import LayerlockError, ProtocolError
-from verifier import protocol
-from verifier.log import log
-from verifier.memory import SealedModel
+from layerlock.shared.errors import LayerlockError, ProtocolError
+from layerlock.verifier import protocol
+from layerlock.verifier.log import log
+from layerlock.verifier.memory import SealedModel
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 

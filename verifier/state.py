@@ -24,9 +24,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from shared.activation import check_model_id
-from shared.errors import ConfigError
-from shared.keys import (
+from layerlock.shared.activation import check_model_id
+from layerlock.shared.errors import ConfigError
+from layerlock.shared.keys import (
     load_ed25519_private,
     load_mlkem768_private,
     load_x25519_private,
@@ -34,8 +34,8 @@ from shared.keys import (
     read_secret_file,
     write_secret_file,
 )
-from shared.tokens import parse_jwks
-from shared.wrap import MachineKemKeys
+from layerlock.shared.tokens import parse_jwks
+from layerlock.shared.wrap import MachineKemKeys
 
 
 @dataclass(frozen=True)

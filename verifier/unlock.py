@@ -2,7 +2,7 @@
 
 :func:`accept_token` is the single gate every token passes — fresh from the server or read from
 the cache: pinned keys and EdDSA only, iss/aud, ``sub`` = our machine code, ``mdl`` = the model,
-nbf/exp with leeway (all in :func:`shared.tokens.verify_token`), and then ``wk`` must open with our
+nbf/exp with leeway (all in :func:`layerlock.shared.tokens.verify_token`), and then ``wk`` must open with our
 own X25519 (or hybrid) key under the (license, machine, model) binding.  A token that passes
 all of that could only have been issued to this machine for this model.
 """
@@ -14,16 +14,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import WrapError
-from shared.tokens import LicenseClaims, verify_token
-from shared.wrap import MachineKemKeys, binding_info, open_sealed
-from verifier.memory import SealedModel
+from layerlock.shared.errors import WrapError
+from layerlock.shared.tokens import LicenseClaims, verify_token
+from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
+from layerlock.verifier.memory import SealedModel
 
 try:  # the narrow modules: restore needs neither numpy nor the protect machinery (start-up time)
-    from shared.bundle import read_header
-    from shared.restore import restore_to
+    from layerlock.shared.bundle import read_header
+    from layerlock.shared.restore import restore_to
 except ImportError:  # pragma: no cover - the public facade always has them
-    from shared.lockfile import read_header, restore_to
+    from layerlock.shared.lockfile import read_header, restore_to
 
 
 def accept_token(token: str, *, keys: Mapping[str, ed25519.Ed25519PublicKey], kem: MachineKemKeys,

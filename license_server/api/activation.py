@@ -5,7 +5,7 @@ malformed body is a 400, not audited), then rate limits, clock skew, machine, si
 the nonce is burnt, so nobody can burn a machine's nonces without its key), nonce, model,
 license.
 
-Redis round trips for a grant: one read (:class:`~license_server.store.guards.ActivationReader`:
+Redis round trips for a grant: one read (:class:`~layerlock.license_server.store.guards.ActivationReader`:
 rate-limit hits, machine, model, the pair's licenses, audit head), then a read of the chain head
 and one commit (``AuditLog.commit``, retried only if another append moved the head in between)
 that burns the nonce, counts the activation and appends the audit record atomically — and only
@@ -27,17 +27,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flask import Blueprint
 
-from license_server import metrics
-from license_server.api.common import body, client_ip
-from license_server.app import Services, services
-from license_server.store import guards, licenses, machines, models
-from license_server.store.audit import Change, GuardFailed, Replayed
-from shared.activation import ActivationRequest, parse_request, verify_signature
-from shared.enrollment import Enrollment, parse_code
-from shared.errors import ActivationDenied, LayerlockError
-from shared.keys import b64u_decode, b64u_encode, ed25519_public, mlkem768_public, x25519_public
-from shared.tokens import AUDIENCE, LicenseClaims, sign_token
-from shared.wrap import binding_info, public_for, seal
+from layerlock.license_server import metrics
+from layerlock.license_server.api.common import body, client_ip
+from layerlock.license_server.app import Services, services
+from layerlock.license_server.store import guards, licenses, machines, models
+from layerlock.license_server.store.audit import Change, GuardFailed, Replayed
+from layerlock.shared.activation import ActivationRequest, parse_request, verify_signature
+from layerlock.shared.enrollment import Enrollment, parse_code
+from layerlock.shared.errors import ActivationDenied, LayerlockError
+from layerlock.shared.keys import b64u_decode, b64u_encode, ed25519_public, mlkem768_public, x25519_public
+from layerlock.shared.tokens import AUDIENCE, LicenseClaims, sign_token
+from layerlock.shared.wrap import binding_info, public_for, seal
 
 bp = Blueprint("activation", __name__)
 

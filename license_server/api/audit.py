@@ -6,9 +6,9 @@ from typing import Any
 
 from flask import Blueprint, request
 
-from license_server.api.common import integer, machine_code, require
-from license_server.app import services
-from shared.errors import InvalidInput
+from layerlock.license_server.api.common import integer, machine_code, require
+from layerlock.license_server.app import services
+from layerlock.shared.errors import InvalidInput
 
 bp = Blueprint("audit", __name__, url_prefix="/v1/audit")
 AUDITORS = ("admin", "auditor")

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from flask import g, request
 
-from license_server.app import services
-from license_server.store import apikeys
-from shared.errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
-from shared.machine import normalize_code
+from layerlock.license_server.app import services
+from layerlock.license_server.store import apikeys
+from layerlock.shared.errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
+from layerlock.shared.machine import normalize_code
 
 F = TypeVar("F", bound=Callable[..., Any])
 READERS = ("admin", "operator", "auditor")

@@ -6,11 +6,11 @@ from typing import Any
 
 from flask import Blueprint, g
 
-from license_server.api.common import body, page_args, require, string
-from license_server.app import services
-from license_server.keystore import new_api_key
-from license_server.store import apikeys, models, page
-from shared.errors import Conflict, InvalidInput
+from layerlock.license_server.api.common import body, page_args, require, string
+from layerlock.license_server.app import services
+from layerlock.license_server.keystore import new_api_key
+from layerlock.license_server.store import apikeys, models, page
+from layerlock.shared.errors import Conflict, InvalidInput
 
 bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 

@@ -7,13 +7,23 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from license_server import metrics
-from license_server.api.common import READERS, WRITERS, body, integer, machine_code, now, page_args, require, string
-from license_server.app import services
-from license_server.store import licenses, machines, models, page
-from license_server.store.audit import Change, GuardFailed
-from shared.activation import check_model_id
-from shared.errors import Conflict, InvalidInput
+from layerlock.license_server import metrics
+from layerlock.license_server.api.common import (
+    READERS,
+    WRITERS,
+    body,
+    integer,
+    machine_code,
+    now,
+    page_args,
+    require,
+    string,
+)
+from layerlock.license_server.app import services
+from layerlock.license_server.store import licenses, machines, models, page
+from layerlock.license_server.store.audit import Change, GuardFailed
+from layerlock.shared.activation import check_model_id
+from layerlock.shared.errors import Conflict, InvalidInput
 
 bp = Blueprint("licenses", __name__, url_prefix="/v1/licenses")
 MAX_DAYS = 36_500

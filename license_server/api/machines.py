@@ -7,11 +7,11 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from license_server.api.common import READERS, WRITERS, body, labels, machine_code, page_args, require, string
-from license_server.app import services
-from license_server.store import dumps, machines, page
-from shared.enrollment import parse_code
-from shared.errors import Conflict, InvalidInput
+from layerlock.license_server.api.common import READERS, WRITERS, body, labels, machine_code, page_args, require, string
+from layerlock.license_server.app import services
+from layerlock.license_server.store import dumps, machines, page
+from layerlock.shared.enrollment import parse_code
+from layerlock.shared.errors import Conflict, InvalidInput
 
 bp = Blueprint("machines", __name__, url_prefix="/v1/machines")
 

@@ -10,12 +10,12 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from license_server.api.common import READERS, WRITERS, body, page_args, require, string
-from license_server.app import services
-from license_server.store import models, page
-from shared.activation import check_model_id
-from shared.keys import b64u_encode
-from shared.wrap import open_from_vendor
+from layerlock.license_server.api.common import READERS, WRITERS, body, page_args, require, string
+from layerlock.license_server.app import services
+from layerlock.license_server.store import models, page
+from layerlock.shared.activation import check_model_id
+from layerlock.shared.keys import b64u_encode
+from layerlock.shared.wrap import open_from_vendor
 
 bp = Blueprint("models", __name__)
 

@@ -6,12 +6,12 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from license_server import metrics
-from license_server.app import services
-from license_server.openapi import DOCS_HTML, document
-from license_server.redis_conn import REDIS_DOWN
-from shared.errors import Unavailable
-from shared.tokens import jwks
+from layerlock.license_server import metrics
+from layerlock.license_server.app import services
+from layerlock.license_server.openapi import DOCS_HTML, document
+from layerlock.license_server.redis_conn import REDIS_DOWN
+from layerlock.shared.errors import Unavailable
+from layerlock.shared.tokens import jwks
 
 bp = Blueprint("system", __name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import click
 
-from license_server.cli.admin import init, serve
-from license_server.cli.demo import demo
-from license_server.cli.ops import audit, keys, licenses, machines, models
-from license_server.cli.protect import protect
+from layerlock.license_server.cli.admin import init, serve
+from layerlock.license_server.cli.demo import demo
+from layerlock.license_server.cli.ops import audit, keys, licenses, machines, models
+from layerlock.license_server.cli.protect import protect
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

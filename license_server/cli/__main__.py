@@ -1,5 +1,5 @@
 """``python -m license_server.cli`` — same as the ``layerlock`` script."""
 
-from license_server.cli import main
+from layerlock.license_server.cli import main
 
 main(prog_name="layerlock")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import click
 
-from license_server.config import DEFAULT_DATA_DIR
-from license_server.keystore import initialise
-from shared.errors import LayerlockError
+from layerlock.license_server.config import DEFAULT_DATA_DIR
+from layerlock.license_server.keystore import initialise
+from layerlock.shared.errors import LayerlockError
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), envvar="LAYERLOCK_DATA_DIR",
                          default=DEFAULT_DATA_DIR, show_default=True, help="Server data dir (env LAYERLOCK_DATA_DIR).")
@@ -54,7 +54,7 @@ def gunicorn_config() -> str:
     repo_conf = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
     if repo_conf.exists():
         return str(repo_conf)
-    return "python:license_server.gunicorn_conf"
+    return "python:layerlock.license_server.gunicorn_conf"
 
 
 @click.command()
@@ -80,7 +80,5 @@ def serve(data_dir: Path, bind: str, workers: int | None, threads: int | None, r
             env[name] = str(value)
     if not redis_url:
         env.pop("LAYERLOCK_REDIS_URL")
-    src_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, "-m", "gunicorn", "-c", gunicorn_config(), "license_server.wsgi:app"]
+    argv = [sys.executable, "-m", "gunicorn", "-c", gunicorn_config(), "layerlock.license_server.wsgi:app"]
     os.execve(sys.executable, argv, env)  # noqa: S606 - exec so signals reach gunicorn directly

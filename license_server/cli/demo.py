@@ -1,4 +1,4 @@
-"""``layerlock demo``: see :mod:`license_server.demo.run`."""
+"""``layerlock demo``: see :mod:`layerlock.demo.run`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,6 @@ import click
 def demo(data_dir: Path, port: int) -> None:
     """Run the whole product locally: license server with embedded Redis, a verifier sidecar,
     and a demo model protected, licensed, unlocked and scored. Ctrl-C stops everything."""
-    from license_server.demo.run import main
+    from layerlock.demo.run import main
 
     raise SystemExit(main(data_dir, port))

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from license_server.cli.rest import Client, emit, rest_options
+from layerlock.license_server.cli.rest import Client, emit, rest_options
 
 MACHINE_COLS = ["machine", "customer", "status", "enrolled", "labels"]
 LICENSE_COLS = ["license_id", "machine", "model", "customer", "status", "expires_at"]

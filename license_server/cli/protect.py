@@ -19,12 +19,12 @@ import click
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from shared.errors import ConfigError, InvalidInput, LayerlockError
-from shared.keys import b64u_decode, ensure_private_dir, write_secret_file, x25519_public
-from shared.lockfile import ProtectResult
-from shared.protect import Outcome, protect_path
-from shared.selection import LockPolicy
-from shared.wrap import seal_for_server
+from layerlock.shared.errors import ConfigError, InvalidInput, LayerlockError
+from layerlock.shared.keys import b64u_decode, ensure_private_dir, write_secret_file, x25519_public
+from layerlock.shared.lockfile import ProtectResult
+from layerlock.shared.protect import Outcome, protect_path
+from layerlock.shared.selection import LockPolicy
+from layerlock.shared.wrap import seal_for_server
 
 HTTP_TIMEOUT_S = 30
 

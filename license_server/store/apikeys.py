@@ -5,11 +5,11 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from license_server.keystore import hash_api_key
-from license_server.redis_conn import Client
-from license_server.store import P, new_id, now_ms
-from license_server.store.audit import AuditLog, Change, GuardFailed
-from shared.errors import NotFound
+from layerlock.license_server.keystore import hash_api_key
+from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.store import P, new_id, now_ms
+from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
+from layerlock.shared.errors import NotFound
 
 ROLES = ("admin", "operator", "auditor")
 ALL = P + "apikeys"

@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from license_server.redis_conn import Client
-from license_server.store import P, dumps
-from shared.errors import Conflict, NotFound
+from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.store import P, dumps
+from layerlock.shared.errors import Conflict, NotFound
 
 STREAM = P + "audit"
 HEAD = P + "audit:head"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from license_server.redis_conn import Client
-from license_server.store import P, licenses, machines, models
-from license_server.store.audit import GENESIS, HEAD
+from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.store import P, licenses, machines, models
+from layerlock.license_server.store.audit import GENESIS, HEAD
 
 # KEYS: rate-limit counter (machine), rate-limit counter (ip), machine, model, license pair set,
 # audit head.  ARGV: counter TTL, license key prefix, genesis hash.  The license hashes are read

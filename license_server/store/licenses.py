@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from license_server.redis_conn import Client
-from license_server.store import P, new_id, now_ms
-from license_server.store.audit import AuditLog, Change
-from shared.errors import NotFound
+from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.store import P, new_id, now_ms
+from layerlock.license_server.store.audit import AuditLog, Change
+from layerlock.shared.errors import NotFound
 
 ALL = P + "licenses"
 #: Bumped by every activation; a revoke or extend does not depend on them (no retry storm).

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from license_server.redis_conn import Client
-from license_server.store import P, dumps, now_ms
-from license_server.store.audit import AuditLog, Change, GuardFailed
-from shared.enrollment import DeviceClass, Enrollment
-from shared.errors import Conflict, NotFound
-from shared.keys import b64u_encode
+from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.store import P, dumps, now_ms
+from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
+from layerlock.shared.enrollment import DeviceClass, Enrollment
+from layerlock.shared.errors import Conflict, NotFound
+from layerlock.shared.keys import b64u_encode
 
 ALL = P + "machines"
 

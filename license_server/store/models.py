@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from license_server.redis_conn import Client
-from license_server.store import P, now_ms
-from license_server.store.audit import AuditLog, Change, GuardFailed
-from shared.errors import Conflict, NotFound
+from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.store import P, now_ms
+from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
+from layerlock.shared.errors import Conflict, NotFound
 
 ALL = P + "models"
 

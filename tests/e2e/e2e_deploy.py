@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from e2e_helpers import MODEL_ID, Sidecar, cli, make_model, make_onnx_model, public_dir, write_config
 
-from shared.keys import b64u_decode, x25519_public
-from shared.lockfile import protect
-from shared.wrap import seal_for_server
+from layerlock.shared.keys import b64u_decode, x25519_public
+from layerlock.shared.lockfile import protect
+from layerlock.shared.wrap import seal_for_server
 
 
 @dataclass

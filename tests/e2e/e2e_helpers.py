@@ -28,8 +28,8 @@ MODEL_ID = "mlp-demo"
 CLIENT = r"""
 import hashlib, json, sys
 import numpy as np
-from verifier import client
-from verifier.errors import SidecarRefused
+from layerlock.verifier import client
+from layerlock.verifier.errors import SidecarRefused
 model, sock, transfer = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
     data = client.load_bytes(model, socket_path=sock, transfer=transfer)
@@ -77,7 +77,7 @@ def make_onnx_model(path: Path) -> None:
 ONNX_CLIENT = r"""
 import json, sys
 import numpy as np
-from verifier import client
+from layerlock.verifier import client
 session = client.onnx_session(sys.argv[1], socket_path=sys.argv[2])
 x = np.random.default_rng(42).standard_normal((5, 8)).astype(np.float32)
 print(json.dumps({"pred": session.run(None, {"x": x})[0].tolist()}))
@@ -124,8 +124,8 @@ def run_client(model: str, sock: Path, transfer: str = "fd", *, uid: int | None 
 
 
 def _forked_client(model: str, sock: Path, uid: int) -> dict[str, Any]:
-    from verifier import client
-    from verifier.errors import SidecarRefused
+    from layerlock.verifier import client
+    from layerlock.verifier.errors import SidecarRefused
 
     r, w = os.pipe()
     pid = os.fork()

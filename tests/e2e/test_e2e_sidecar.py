@@ -17,8 +17,8 @@ import pytest
 from e2e_deploy import deploy
 from e2e_helpers import MODEL_ID, Sidecar, cleanup, cli, predict, public_dir, run_client, wait_for, write_config
 
-from verifier import client, protocol
-from verifier.errors import SidecarRefused
+from layerlock.verifier import client, protocol
+from layerlock.verifier.errors import SidecarRefused
 
 
 def test_protect_register_license_serve_bit_exact(deployment):
@@ -203,10 +203,10 @@ def _forged_token(state_dir, machine: str) -> str:
 
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from shared.keys import b64u_encode
-    from shared.tokens import AUDIENCE, LicenseClaims, sign_token
-    from shared.wrap import DEFAULT_SUITE, binding_info, seal
-    from verifier.state import StateDir
+    from layerlock.shared.keys import b64u_encode
+    from layerlock.shared.tokens import AUDIENCE, LicenseClaims, sign_token
+    from layerlock.shared.wrap import DEFAULT_SUITE, binding_info, seal
+    from layerlock.verifier.state import StateDir
 
     kex = StateDir(state_dir).load_keys().kem.x25519.public_key()
     now = int(time.time())
@@ -249,7 +249,7 @@ def test_signing_key_rotation_picked_up_without_reenroll(deployment):
     renewal and keeps serving past the old token's expiry, with no `enroll` re-run."""
     import jwt
 
-    from shared.tokens import parse_jwks
+    from layerlock.shared.tokens import parse_jwks
 
     dep = deployment
     dep.sidecar.start()

@@ -10,11 +10,11 @@ import redis
 import requests
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from shared.activation import make_request
-from shared.enrollment import DeviceClass, Enrollment, make_code
-from shared.keys import b64u_decode, x25519_public
-from shared.machine import MachineSources, derive_code
-from shared.wrap import seal_for_server
+from layerlock.shared.activation import make_request
+from layerlock.shared.enrollment import DeviceClass, Enrollment, make_code
+from layerlock.shared.keys import b64u_decode, x25519_public
+from layerlock.shared.machine import MachineSources, derive_code
+from layerlock.shared.wrap import seal_for_server
 
 
 @dataclass

@@ -10,9 +10,9 @@ import jwt
 import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
-from shared.keys import b64u_decode
-from shared.tokens import parse_jwks, verify_token
-from shared.wrap import MachineKemKeys, binding_info, open_sealed
+from layerlock.shared.keys import b64u_decode
+from layerlock.shared.tokens import parse_jwks, verify_token
+from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -227,7 +227,7 @@ def test_probes_docs_metrics_ping(server):
 
 def test_openapi_covers_every_route():
     """The OpenAPI table and the blueprints' routes are the same set (docs pages aside)."""
-    from license_server.openapi import ROUTES
+    from layerlock.license_server.openapi import ROUTES
 
     documented = {(method, path) for method, path, *_ in ROUTES}
     declared = set()

@@ -251,8 +251,8 @@ def test_concurrent_mutations_from_many_threads_keep_one_unbroken_chain(server):
 def test_a_change_computed_from_a_stale_read_is_recomputed_not_applied(redis_server):
     """A concurrent writer slips in between the read and the commit: the guard catches it, nothing
     is written, and the change is recomputed from fresh data (licenses, machines, models)."""
-    from license_server.store import licenses, machines, models
-    from license_server.store.audit import AuditLog, Change, GuardFailed
+    from layerlock.license_server.store import licenses, machines, models
+    from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
 
     r = redis_server.client()
     audit = AuditLog(r)

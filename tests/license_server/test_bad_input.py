@@ -9,8 +9,8 @@ import pytest
 import requests
 from ls_helpers import new_machine, snapshot, world
 
-from shared.keys import b64u_decode, x25519_public
-from shared.wrap import seal_for_server
+from layerlock.shared.keys import b64u_decode, x25519_public
+from layerlock.shared.wrap import seal_for_server
 
 
 @pytest.fixture(scope="module")

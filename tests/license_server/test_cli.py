@@ -15,11 +15,11 @@ import requests
 from click.testing import CliRunner
 from ls_helpers import activate, add_model, new_machine, world
 
-from license_server.cli import main
-from shared.keys import b64u_decode, x25519_public
-from shared.tokens import parse_jwks, verify_token
-from shared.wrap import MachineKemKeys, binding_info, open_sealed, seal_for_server
-from tests.conftest import PYTHON, REPO, _env, free_port
+from layerlock.license_server.cli import main
+from layerlock.shared.keys import b64u_decode, x25519_public
+from layerlock.shared.tokens import parse_jwks, verify_token
+from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed, seal_for_server
+from tests.conftest import CLI, PYTHON, REPO, _env, free_port
 
 
 def cli(server, *args: str, key: str | None = None):
@@ -144,7 +144,7 @@ def _procs_mentioning(text: str) -> list[int]:
 @pytest.mark.slow
 def test_serve_with_embedded_redis_persists_and_stops_cleanly(tmp_path):
     d = tmp_path / "srv"
-    admin = json.loads(subprocess.run([PYTHON, "-m", "license_server.cli", "init", "--data-dir", str(d), "--json"],
+    admin = json.loads(subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"],
                                       env=_env(), cwd=REPO, capture_output=True, text=True, check=True).stdout)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -152,7 +152,7 @@ def test_serve_with_embedded_redis_persists_and_stops_cleanly(tmp_path):
     m = new_machine()
 
     def run():
-        proc = subprocess.Popen([PYTHON, "-m", "license_server.cli", "serve", "--data-dir", str(d), "--bind",
+        proc = subprocess.Popen([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind",
                                  f"127.0.0.1:{port}", "--workers", "1", "--appendfsync", "always"],
                                 env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -199,7 +199,7 @@ def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server)
 
 def test_signing_rotation_publishes_endorsement_chain(license_server):
     """Each rotated-in key is endorsed by the key it replaced; `init`'s key carries none."""
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     def document() -> dict:
         return requests.get(license_server.url + "/.well-known/jwks.json", timeout=5).json()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from license_server.cli.rest import _cell
+from layerlock.license_server.cli.rest import _cell
 
 
 def test_times_are_utc_dates_for_people():

@@ -7,12 +7,12 @@ import json
 import pytest
 from ls_helpers import activate, add_model, issue, new_machine, register
 
-from license_server.config import ServerConfig
-from license_server.policy import CHACHA, SuitePolicy
-from shared.enrollment import DeviceClass
-from shared.errors import ConfigError
-from shared.tokens import parse_jwks, verify_token
-from shared.wrap import MachineKemKeys, binding_info, open_sealed
+from layerlock.license_server.config import ServerConfig
+from layerlock.license_server.policy import CHACHA, SuitePolicy
+from layerlock.shared.enrollment import DeviceClass
+from layerlock.shared.errors import ConfigError
+from layerlock.shared.tokens import parse_jwks, verify_token
+from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
 
 HYBRID = "MLKEM768X25519-SHA256-AES256GCM"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.activation import make_request, parse_request, verify_signature
-from shared.errors import InvalidInput, MachineCodeError, SignatureError
-from shared.machine import MachineSources, derive_code
+from layerlock.shared.activation import make_request, parse_request, verify_signature
+from layerlock.shared.errors import InvalidInput, MachineCodeError, SignatureError
+from layerlock.shared.machine import MachineSources, derive_code
 
 MACHINE = derive_code(MachineSources("activation-test"))
 

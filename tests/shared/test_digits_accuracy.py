@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import safetensors.numpy as stnp
 
-from shared.lockfile import protect, restore
-from shared.selection import LockPolicy
+from layerlock.shared.lockfile import protect, restore
+from layerlock.shared.selection import LockPolicy
 
 
 def _forward(t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -7,10 +7,10 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from shared.enrollment import DeviceClass, Enrollment, make_code, parse_code
-from shared.errors import InvalidInput, MachineCodeError, SignatureError
-from shared.keys import b64u_decode, b64u_encode
-from shared.machine import MachineSources, derive_code
+from layerlock.shared.enrollment import DeviceClass, Enrollment, make_code, parse_code
+from layerlock.shared.errors import InvalidInput, MachineCodeError, SignatureError
+from layerlock.shared.keys import b64u_decode, b64u_encode
+from layerlock.shared.machine import MachineSources, derive_code
 
 MACHINE = derive_code(MachineSources("enroll-test"))
 

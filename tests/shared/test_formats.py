@@ -16,13 +16,13 @@ import torch  # `make test` installs the CPU build; a missing torch must fail, n
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.decoys import decoy_blocks, tensor_stats
-from shared.errors import LockError, UnsupportedModel
-from shared.formats import TensorInfo, safetensors_index
-from shared.lockfile import protect as protect_file
-from shared.lockfile import restore
-from shared.onnxfile import onnx_index
-from shared.selection import LockPolicy
+from layerlock.shared.decoys import decoy_blocks, tensor_stats
+from layerlock.shared.errors import LockError, UnsupportedModel
+from layerlock.shared.formats import TensorInfo, safetensors_index
+from layerlock.shared.lockfile import protect as protect_file
+from layerlock.shared.lockfile import restore
+from layerlock.shared.onnxfile import onnx_index
+from layerlock.shared.selection import LockPolicy
 
 
 class Custom:

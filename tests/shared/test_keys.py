@@ -8,8 +8,8 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from shared.errors import ConfigError, InvalidInput
-from shared.keys import (
+from layerlock.shared.errors import ConfigError, InvalidInput
+from layerlock.shared.keys import (
     b64u_decode,
     ensure_private_dir,
     load_ed25519_private,

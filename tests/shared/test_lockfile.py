@@ -15,10 +15,10 @@ import safetensors.numpy as stnp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.errors import BundleFormatError, BundleIntegrityError, LockedFileMismatch, LockError
-from shared.lockfile import CHECK, MAGIC, SUITE, read_header, restore, restore_to
-from shared.lockfile import protect as protect_file
-from shared.selection import LockPolicy
+from layerlock.shared.errors import BundleFormatError, BundleIntegrityError, LockedFileMismatch, LockError
+from layerlock.shared.lockfile import CHECK, MAGIC, SUITE, read_header, restore, restore_to
+from layerlock.shared.lockfile import protect as protect_file
+from layerlock.shared.selection import LockPolicy
 
 ALL = LockPolicy(patterns=("*",))
 
@@ -316,7 +316,7 @@ def test_large_model_default_policy_both_restore_paths(tmp_path):
 
 # --- review fixes ----------------------------------------------------------------------------------
 def test_model_id_with_trailing_newline_is_refused(small_model, tiny):
-    from shared.errors import InvalidInput
+    from layerlock.shared.errors import InvalidInput
 
     with pytest.raises(InvalidInput):
         protect_file(small_model, model_id="model-1\n")

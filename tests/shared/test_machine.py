@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.errors import MachineCodeError
-from shared.machine import MachineSources, collect_sources, derive_code, machine_code, normalize_code
+from layerlock.shared.errors import MachineCodeError
+from layerlock.shared.machine import MachineSources, collect_sources, derive_code, machine_code, normalize_code
 
 
 def _fake_host(tmp_path, machine_id="0123456789abcdef0123456789abcdef", mac="52:54:00:12:34:56"):

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from license_server.cli import main
-from shared.keys import b64u_encode
-from shared.lockfile import read_header, restore
-from shared.wrap import open_from_vendor
+from layerlock.license_server.cli import main
+from layerlock.shared.keys import b64u_encode
+from layerlock.shared.lockfile import read_header, restore
+from layerlock.shared.wrap import open_from_vendor
 
 
 def run(*args: str, env: dict[str, str] | None = None):

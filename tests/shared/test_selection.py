@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import InvalidInput
-from shared.formats import TensorInfo
-from shared.selection import DEFAULT_MIN_FRACTION, LockPolicy, group_layers, layer_of, select
+from layerlock.shared.errors import InvalidInput
+from layerlock.shared.formats import TensorInfo
+from layerlock.shared.selection import DEFAULT_MIN_FRACTION, LockPolicy, group_layers, layer_of, select
 
 
 @pytest.mark.parametrize("name,layer", [

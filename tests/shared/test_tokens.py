@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import TokenError
-from shared.keys import jwk_thumbprint
-from shared.tokens import AUDIENCE, LicenseClaims, jwks, parse_jwks, sign_token, verify_token
+from layerlock.shared.errors import TokenError
+from layerlock.shared.keys import jwk_thumbprint
+from layerlock.shared.tokens import AUDIENCE, LicenseClaims, jwks, parse_jwks, sign_token, verify_token
 
 MACHINE = "LLK-S0QXV-GBENN-A5THD-M288J-U"
 
@@ -160,7 +160,7 @@ def test_oversized_and_mistyped_claims_rejected(key, pinned):
 
 def _rotated(endorser: ed25519.Ed25519PrivateKey, **jws_over: object) -> tuple[ed25519.Ed25519PrivateKey, dict]:
     """A new key and its JWKS entry carrying ``endorser``'s endorsement."""
-    from shared.tokens import public_jwk, sign_endorsement
+    from layerlock.shared.tokens import public_jwk, sign_endorsement
 
     new = ed25519.Ed25519PrivateKey.generate()
     entry = public_jwk(new.public_key())
@@ -170,7 +170,7 @@ def _rotated(endorser: ed25519.Ed25519PrivateKey, **jws_over: object) -> tuple[e
 
 
 def test_endorsement_chain_of_two_rotations_accepted_in_any_order(key, pinned):
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     k1, e1 = _rotated(key)
     k2, e2 = _rotated(k1)
@@ -183,7 +183,7 @@ def test_endorsement_chain_of_two_rotations_accepted_in_any_order(key, pinned):
 
 
 def test_endorsement_by_unpinned_key_ignored(pinned):
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     stranger = ed25519.Ed25519PrivateKey.generate()
     _, entry = _rotated(stranger)
@@ -192,7 +192,7 @@ def test_endorsement_by_unpinned_key_ignored(pinned):
 
 
 def test_tampered_endorsement_ignored(key, pinned):
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     _, entry = _rotated(key)
     head, body, sig = entry["llk_endorsement"].split(".")
@@ -205,14 +205,14 @@ def test_tampered_endorsement_ignored(key, pinned):
 
 
 def test_endorsement_for_a_different_key_ignored(key, pinned):
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     _, endorsed = _rotated(key)
     other = ed25519.Ed25519PrivateKey.generate()
     entry = {**jwks([other.public_key()])["keys"][0], "llk_endorsement": endorsed["llk_endorsement"]}
     assert extend_pinned(pinned, {"keys": [entry]}) == pinned
     # an endorsement whose x names another key than its endorses kid is no good either
-    from shared.tokens import sign_endorsement
+    from layerlock.shared.tokens import sign_endorsement
 
     jws = sign_endorsement(key, other.public_key())
     head, body, _ = jws.split(".")
@@ -223,7 +223,7 @@ def test_endorsement_for_a_different_key_ignored(key, pinned):
 
 
 def test_alg_none_and_hs256_endorsements_ignored(key, pinned):
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     new = ed25519.Ed25519PrivateKey.generate()
     entry = jwks([new.public_key()])["keys"][0]
@@ -237,7 +237,7 @@ def test_alg_none_and_hs256_endorsements_ignored(key, pinned):
 
 
 def test_extend_pinned_skips_malformed_entries(key, pinned):
-    from shared.tokens import extend_pinned
+    from layerlock.shared.tokens import extend_pinned
 
     _, good = _rotated(key)
     doc = {"keys": ["junk", {"kty": "RSA"}, {"kty": "OKP", "crv": "Ed25519", "x": "!!"},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from shared.errors import WrapError
-from shared.wrap import (
+from layerlock.shared.errors import WrapError
+from layerlock.shared.wrap import (
     DEFAULT_SUITE,
     SUITES,
     MachineKemKeys,

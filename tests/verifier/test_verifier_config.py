@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from shared.errors import ConfigError
-from verifier.cli import main
-from verifier.config import load_config
+from layerlock.shared.errors import ConfigError
+from layerlock.verifier.cli import main
+from layerlock.verifier.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

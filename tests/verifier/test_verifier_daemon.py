@@ -13,11 +13,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from verifier_helpers import FakeServer, enroll_machine, protect_model, write_config
 
-from shared.keys import jwk_thumbprint
-from shared.tokens import jwks, sign_endorsement
-from verifier.config import load_config
-from verifier.daemon import Daemon
-from verifier.errors import ModelUnavailable
+from layerlock.shared.keys import jwk_thumbprint
+from layerlock.shared.tokens import jwks, sign_endorsement
+from layerlock.verifier.config import load_config
+from layerlock.verifier.daemon import Daemon
+from layerlock.verifier.errors import ModelUnavailable
 
 
 def wait_for(pred, timeout=10.0, step=0.05):
@@ -216,7 +216,7 @@ def test_copied_files_and_token_with_other_machine_keys_unlock_nothing(tmp_path,
 
 def test_state_dir_readable_by_others_refused(setup):
     cfg, machine, _ = setup
-    from shared.errors import ConfigError
+    from layerlock.shared.errors import ConfigError
 
     os.chmod(machine.state.path, 0o755)
     with pytest.raises(ConfigError, match="accessible by group or others"):
@@ -229,7 +229,7 @@ def test_state_dir_readable_by_others_refused(setup):
 
 def test_machine_code_mismatch_refused(setup):
     cfg, machine, _ = setup
-    from shared.errors import ConfigError
+    from layerlock.shared.errors import ConfigError
 
     machine.machine_id_file.write_text("ffffffffffffffffffffffffffffffff\n")
     with pytest.raises(ConfigError, match="is not the enrolled"):
@@ -244,7 +244,7 @@ def test_two_models_one_refused(tmp_path, machine):
     class Mixed(FakeServer):
         def activate(self, m, model_id, keys):
             if model_id == "model-b":
-                from shared.errors import ActivationDenied
+                from layerlock.shared.errors import ActivationDenied
                 raise ActivationDenied("no_license", "no license for model-b")
             return super().activate(m, model_id, keys)
 

@@ -13,12 +13,12 @@ README = (ROOT / "verifier" / "README.md").read_text()
 
 def test_console_script_documented_and_installed():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["layerlock-verifier"] == "verifier.cli:main"
+    assert scripts["layerlock-verifier"] == "layerlock.verifier.cli:main"
     assert "pip install -e ." in README and "`layerlock-verifier`" in README
 
 
 def test_machine_registration_body_uses_the_servers_fields():
-    from license_server.openapi import MACHINE_BODY
+    from layerlock.license_server.openapi import MACHINE_BODY
 
     bodies = [json.loads(m) for m in re.findall(r"/v1/machines .*?-d '(\{.*?\})'", README, re.S)]
     assert bodies, "README shows no POST /v1/machines example"

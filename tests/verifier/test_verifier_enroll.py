@@ -9,10 +9,10 @@ import stat
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.enrollment import parse_code
-from shared.machine import machine_code
-from shared.tokens import jwks
-from verifier.cli import main
+from layerlock.shared.enrollment import parse_code
+from layerlock.shared.machine import machine_code
+from layerlock.shared.tokens import jwks
+from layerlock.verifier.cli import main
 
 
 def _enroll(tmp_path, *extra):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from verifier.log import log
+from layerlock.verifier.log import log
 
 
 def test_json_lines_without_secrets(capsys):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from verifier.errors import ModelUnavailable
-from verifier.memory import SealedModel
+from layerlock.verifier.errors import ModelUnavailable
+from layerlock.verifier.memory import SealedModel
 
 
 def test_sealed_readonly_for_clients():
@@ -106,7 +106,7 @@ def test_from_bytes_of_an_empty_model():
 
 
 def test_mlock_goes_in_steps_and_stops_when_cancelled():
-    from verifier.memory import _mlock
+    from layerlock.verifier.memory import _mlock
 
     model = SealedModel.from_bytes("m", "safetensors", os.urandom(8 << 20))
     try:

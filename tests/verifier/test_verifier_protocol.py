@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from shared.errors import ProtocolError
-from verifier import protocol
+from layerlock.shared.errors import ProtocolError
+from layerlock.verifier import protocol
 
 
 @pytest.fixture()

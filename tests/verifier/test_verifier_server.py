@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from shared.errors import VerifierError
-from verifier import client, protocol
-from verifier.errors import ModelUnavailable, SidecarRefused, SidecarUnavailable
-from verifier.memory import SealedModel
-from verifier.server import SocketServer
+from layerlock.shared.errors import VerifierError
+from layerlock.verifier import client, protocol
+from layerlock.verifier.errors import ModelUnavailable, SidecarRefused, SidecarUnavailable
+from layerlock.verifier.memory import SealedModel
+from layerlock.verifier.server import SocketServer
 
 TENSORS = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, dtype=np.int64)}
 

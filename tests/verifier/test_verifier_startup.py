@@ -19,12 +19,12 @@ HEAVY = ("torch", "onnx", "onnxruntime", "safetensors", "numpy")
 
 PROBE = """
 import json, sys
-import verifier.cli
-from verifier.activation import ServerClient
-from verifier.config import load_config
-from verifier.daemon import Daemon
-from verifier.server import SocketServer
-from verifier.state import StateDir
+import layerlock.verifier.cli
+from layerlock.verifier.activation import ServerClient
+from layerlock.verifier.config import load_config
+from layerlock.verifier.daemon import Daemon
+from layerlock.verifier.server import SocketServer
+from layerlock.verifier.state import StateDir
 config = load_config(sys.argv[1])
 Daemon(config, StateDir(config.state_dir), ServerClient(config.server_url))
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
@@ -37,6 +37,6 @@ def test_run_path_imports_nothing_heavy(tmp_path, machine, protected):
                          timeout=60, check=True)
     loaded = set(json.loads(out.stdout))
     heavy = set(HEAVY)
-    if importlib.util.find_spec("shared.restore") is None or importlib.util.find_spec("shared.bundle") is None:
+    if any(importlib.util.find_spec(f"layerlock.shared.{m}") is None for m in ("restore", "bundle")):
         heavy.discard("numpy")  # older lock-format layout: only the facade (which imports numpy) exists
     assert not loaded & heavy, f"verifier run imports {sorted(loaded & heavy)} on its way to READY"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from verifier_helpers import write_config
 
-from verifier import systemd
+from layerlock.verifier import systemd
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "layerlock-verifier.service"

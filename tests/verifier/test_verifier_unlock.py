@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from verifier_helpers import DATA_KEY
 
-from shared.errors import TokenError, WrapError
-from verifier.unlock import accept_token, restore_model
+from layerlock.shared.errors import TokenError, WrapError
+from layerlock.verifier.unlock import accept_token, restore_model
 
 
 def accept(machine, token, model="model-a"):
@@ -81,7 +81,7 @@ def test_restore_model_into_memfd_is_bit_exact(protected):
 
 
 def test_restore_with_wrong_key_refused(protected):
-    from shared.errors import LockError
+    from layerlock.shared.errors import LockError
 
     with pytest.raises(LockError):
         restore_model("model-a", protected.locked, protected.bundle, bytes(32))
@@ -92,8 +92,8 @@ def test_restore_with_wrong_key_refused(protected):
 def test_hybrid_pq_suite_opens_with_the_mlkem_seed(machine):
     import jwt
 
-    from shared.keys import b64u_encode
-    from shared.wrap import binding_info, public_for, seal
+    from layerlock.shared.keys import b64u_encode
+    from layerlock.shared.wrap import binding_info, public_for, seal
 
     machine.state.add_pq_key()
     keys = machine.state.load_keys()

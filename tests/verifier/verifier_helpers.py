@@ -15,13 +15,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shared.errors import ActivationDenied, Unavailable
-from shared.keys import b64u_encode
-from shared.machine import machine_code
-from shared.tokens import AUDIENCE, LicenseClaims, jwks, sign_token
-from shared.wrap import DEFAULT_SUITE, binding_info, public_for, seal
-from verifier.memory import SealedModel
-from verifier.state import StateDir
+from layerlock.shared.errors import ActivationDenied, Unavailable
+from layerlock.shared.keys import b64u_encode
+from layerlock.shared.machine import machine_code
+from layerlock.shared.tokens import AUDIENCE, LicenseClaims, jwks, sign_token
+from layerlock.shared.wrap import DEFAULT_SUITE, binding_info, public_for, seal
+from layerlock.verifier.memory import SealedModel
+from layerlock.verifier.state import StateDir
 
 
 @dataclass
@@ -113,7 +113,7 @@ def make_model(path: Path, seed: int = 0, hidden: int = 16) -> dict:
 
 
 def protect_model(root: Path, model_id: str = "model-a", data_key: bytes = DATA_KEY) -> Protected:
-    from shared.lockfile import protect
+    from layerlock.shared.lockfile import protect
 
     root.mkdir(parents=True, exist_ok=True)
     src = root / f"{model_id}.safetensors"

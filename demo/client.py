@@ -14,9 +14,9 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from license_server.demo.model import accuracy, load_data
-from shared.errors import LayerlockError
-from verifier.client import load_numpy
+from layerlock.demo.model import accuracy, load_data
+from layerlock.shared.errors import LayerlockError
+from layerlock.verifier.client import load_numpy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from license_server.demo.model import build
+from layerlock.demo.model import build
 
 MODEL_ID = "digits-demo"
 
@@ -164,7 +164,7 @@ class Demo:
             "verifier sidecar", 60, sidecar)
 
         _say("8/8  inference process: load the model through the socket and score it")
-        client = [sys.executable, "-m", "license_server.demo.client", "--socket", str(sock), "--model", MODEL_ID,
+        client = [sys.executable, "-m", "layerlock.demo.client", "--socket", str(sock), "--model", MODEL_ID,
                   "--locked", str(locked), "--original-accuracy", f"{original:.6f}"]
         print("  $ " + " ".join(client[1:]), flush=True)
         subprocess.run(client, env=self.env, stdin=subprocess.DEVNULL, check=False)
