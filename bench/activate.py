@@ -57,15 +57,8 @@ from layerlock.shared.activation import make_request  # noqa: E402
 from layerlock.shared.keys import b64u_decode, x25519_public  # noqa: E402
 from layerlock.shared.machine import MachineSources, derive_code  # noqa: E402
 from layerlock.shared.wrap import seal_for_server  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from tests.license_server.ls_helpers import new_machine  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _client(args: tuple[str, str, list[dict | None], int]) -> list[float]:
@@ -216,7 +209,7 @@ def start_stack(tmp: Path, workers: int, server_threads: int | None = None) -> S
         admin = json.loads(init.stdout)
         genv = dict(env, LAYERLOCK_DATA_DIR=str(tmp / "srv"), LAYERLOCK_REDIS_URL=f"redis://127.0.0.1:{rport}/0",
                     LAYERLOCK_BIND=f"127.0.0.1:{port}", LAYERLOCK_WORKERS=str(workers),
-                    LAYERLOCK_RATE_MACHINE_PER_MIN="100000000", LAYERLOCK_RATE_IP_PER_MIN="100000000",
+                    LAYERLOCK_RATE_MACHINE_PER_MIN="100000000", LAYERLOCK_RATE_UNAUTH_PER_MIN="100000000",
                     LAYERLOCK_LOG_LEVEL="WARNING")
         if server_threads:
             genv["LAYERLOCK_THREADS"] = str(server_threads)

@@ -2,8 +2,9 @@
 
 Everything a request needs (Redis client, key store, audit log, suite policy) is built here once
 per worker and kept in :class:`Services`; blueprints reach it through :func:`services`.  All
-error-to-HTTP mapping happens in :func:`_register_errors`, using ``layerlock.shared.errors``' ``code`` and
-``http_status`` — the one place a failure becomes a status code.
+error-to-HTTP mapping happens in :func:`_register_errors`, using the error's ``code`` and the
+status table in :mod:`layerlock.license_server.statuses` — the one place a failure becomes a
+status code.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from layerlock.license_server.config import ServerConfig
 from layerlock.license_server.keystore import KeyStore
 from layerlock.license_server.policy import SuitePolicy
 from layerlock.license_server.redis_conn import REDIS_DOWN, Client, connect
+from layerlock.license_server.statuses import status_of
 from layerlock.license_server.store import apikeys
 from layerlock.license_server.store.audit import AuditLog
 from layerlock.license_server.store.guards import ActivationReader
-from layerlock.shared.errors import LayerlockError, PayloadTooLarge, Unavailable
+from layerlock.shared.errors import ConfigError, LayerlockError, PayloadTooLarge, Unavailable
 
 log = logging.getLogger("layerlock")
 
@@ -55,8 +57,8 @@ def services() -> Services:
 def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> Flask:
     logs.setup(config.log_level)
     if not config.redis_url and redis_client is None:
-        raise LayerlockError("no Redis URL: start the server with `layerlock serve` (embedded Redis) "
-                             "or set LAYERLOCK_REDIS_URL", code="config_error")
+        raise ConfigError("no Redis URL: start the server with `layerlock serve` (embedded Redis) "
+                          "or set LAYERLOCK_REDIS_URL")
     r = redis_client or connect(config.redis_url, config.redis_timeout)
     svc = Services(config=config, redis=r, keys=KeyStore(config.key_dir, max_token_life=config.max_offline_grace),
                    audit=AuditLog(r), policy=SuitePolicy.from_file(config.policy_file),
@@ -70,9 +72,9 @@ def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> F
     except REDIS_DOWN:
         log.warning("redis unreachable at startup; will retry", extra={"fields": {"event": "startup"}})
 
-    from layerlock.license_server.api import activation, audit, keys, licenses, machines, models, system
+    from layerlock.license_server.api import activation, audit, enroll, keys, licenses, machines, models, system
 
-    for bp in (system.bp, machines.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp):
+    for bp in (system.bp, machines.bp, enroll.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp):
         app.register_blueprint(bp)
     _register_errors(app)
     _register_logging(app)
@@ -81,8 +83,8 @@ def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> F
 
 def _error(err: LayerlockError) -> Response:
     resp = jsonify(err.to_dict())
-    resp.status_code = err.http_status
-    if err.http_status == 503:
+    resp.status_code = status_of(err)
+    if resp.status_code == 503:
         resp.headers["Retry-After"] = str(services().config.retry_after)
     return resp
 

@@ -34,8 +34,14 @@ class ServerConfig:
     issuer: str = "layerlock"
     clock_skew: int = 300
     max_body_bytes: int = 64 * 1024
+    #: Signed activation requests one machine may make a minute (only requests that prove
+    #: possession of the machine key count).
     rate_machine_per_min: int = 60
-    rate_ip_per_min: int = 600
+    #: Failed unauthenticated requests (unknown machine, bad signature, unknown claim, …) one
+    #: source — an IPv4 address or an IPv6 /64 — may make a minute before it is refused unheard.
+    rate_unauth_per_min: int = 60
+    #: Lifetime of an enrollment claim unless ops ask for another (seconds).
+    default_claim_ttl: int = 86_400
     default_token_ttl: int = 86_400
     default_offline_grace: int = 3 * 86_400
     min_lifetime: int = 5

@@ -8,6 +8,8 @@ Layout under ``<data_dir>/keys`` (0700, every file 0600)::
     kek/<kek_id>.key         32 random bytes (AES-256-GCM)
     kek.json                 {"current": kek_id}
     intake.key / intake.pub  X25519: ``layerlock protect`` seals data keys to intake.pub
+    checkpoint.pem / .pub    Ed25519 key signing audit checkpoints; .pub is its JWK for auditors
+                             (created on first use in key dirs from before it existed)
     bootstrap-admin.sha256   hash of the first admin API key (the key itself is printed once)
 
 Why files and not Redis: a Redis dump must never be enough to mint tokens or open data keys.
@@ -29,6 +31,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from layerlock.license_server import checkpoints
 from layerlock.shared.errors import ConfigError, WrapError
 from layerlock.shared.keys import (
     b64u_decode,
@@ -81,6 +84,7 @@ def initialise(key_dir: Path, *, force: bool = False) -> tuple[str, str]:
     write_secret_file(key_dir / "intake.key", private_pem(intake))
     intake_pub = b64u_encode(intake.public_key().public_bytes_raw())
     write_secret_file(key_dir / "intake.pub", intake_pub.encode() + b"\n")
+    checkpoints.create_key(key_dir, replace=True)
     admin_key = new_api_key()
     write_secret_file(key_dir / "bootstrap-admin.sha256", hash_api_key(admin_key).encode() + b"\n")
     return admin_key, intake_pub

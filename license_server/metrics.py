@@ -18,6 +18,8 @@ ACTIVATIONS = Counter("layerlock_activations_total", "Activation requests by out
 ACTIVATION_SECONDS = Histogram("layerlock_activation_seconds", "Activation latency",
                                buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 LICENSES_ISSUED = Counter("layerlock_licenses_issued_total", "Licenses issued")
+REJECTED = Counter("layerlock_rejected_total",
+                   "Requests refused before any principal was identified (not audited one by one)", ["reason"])
 REQUESTS = Counter("layerlock_http_requests_total", "HTTP requests by status class", ["status"])
 GRANTED = ACTIVATIONS.labels(outcome="granted")  # the hot path: the labelled child looked up once
 

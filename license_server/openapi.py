@@ -7,6 +7,7 @@ table with the app's URL map.  The page has no CDN dependency (air-gapped instal
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -26,9 +27,11 @@ MACHINE_BODY = _obj({"machine": _S, "customer": _S, "enrollment": {**_S, "descri
 LICENSE_BODY = _obj({"machine": _S, "model": _S, "days": _I, "expires_at": _I, "not_before": _I,
                      "token_ttl": {**_I, "description": "seconds, <= offline_grace"},
                      "offline_grace": {**_I, "description": "seconds"}, "notes": _S}, ("machine", "model"))
-ACTIVATE_BODY = _obj({"machine": _S, "model": _S, "ts": _I, "nonce": _S, "sig": _S,
-                      "enrollment": {**_S, "description": "only for machines registered without keys (TOFU)"}},
+ACTIVATE_BODY = _obj({"machine": _S, "model": _S, "ts": _I, "nonce": _S, "sig": _S},
                      ("machine", "model", "ts", "nonce", "sig"))
+ENROLL_BODY = _obj({"enrollment": {**_S, "description": "LLE1.… code the host printed"},
+                    "claim": {**_S, "description": "llc_… single-use claim secret ops created"}},
+                   ("enrollment", "claim"))
 LIST_Q = ["cursor", "limit"]
 
 # (method, path, summary, roles or None for public, body schema, query params)
@@ -50,6 +53,10 @@ ROUTES: list[tuple[str, str, str, str | None, dict[str, Any] | None, list[str]]]
      _obj({"labels": {"type": "object"}, "customer": _S}), []),
     ("post", "/v1/machines/{code}/deactivate", "Deactivate a machine", "admin, operator", None, []),
     ("post", "/v1/machines/{code}/reactivate", "Reactivate a machine", "admin, operator", None, []),
+    ("post", "/v1/machines/{code}/claims", "Create a single-use claim secret (shown once) for a machine registered "
+     "by code", "admin, operator", _obj({"ttl": {**_I, "description": "seconds"}}), []),
+    ("post", "/v1/enroll", "A host binds its keys: its enrollment code + the claim ops gave it", None, ENROLL_BODY,
+     []),
     ("post", "/v1/models", "Register a model with its sealed data key", "admin, operator",
      _obj({"model_id": _S, "name": _S, "version": _S, "sealed_key": {"type": "object"}},
           ("model_id", "sealed_key")), []),
@@ -64,9 +71,19 @@ ROUTES: list[tuple[str, str, str, str | None, dict[str, Any] | None, list[str]]]
      _obj({"reason": _S}), []),
     ("post", "/v1/licenses/{license_id}/extend", "Extend a license", "admin, operator",
      _obj({"days": _I, "expires_at": _I}), []),
+    ("get", "/v1/audit/rejections", "Unauthenticated rejections per hour and reason (never audited one by one)",
+     "admin, auditor", None, ["hours"]),
     ("get", "/v1/audit", "Audit records, newest first", "admin, auditor", None,
      ["cursor", "limit", "type", "machine", "license", "model", "outcome", "reason", "since", "until"]),
-    ("get", "/v1/audit/verify", "Walk the hash chain; report the first break", "admin, auditor", None, []),
+    ("get", "/v1/audit/verify", "Walk the hash chain and the stored checkpoints; report the first break",
+     "admin, auditor", None, []),
+    ("get", "/v1/audit/raw", "Audit records oldest first, exactly as stored (rec, h): verify locally",
+     "admin, auditor", None, ["cursor", "limit"]),
+    ("get", "/v1/audit/checkpoint", "A fresh signed checkpoint {size, head, ts, kid} of the chain",
+     "admin, auditor", None, []),
+    ("get", "/v1/audit/checkpoints", "Signed checkpoints the server kept, newest first", "admin, auditor",
+     None, []),
+    ("get", "/v1/audit/checkpoint-key", "Ed25519 JWK that signs audit checkpoints (pin it)", None, None, []),
     ("post", "/v1/keys", "Create an API key (shown once)", "admin",
      _obj({"role": {"enum": ["admin", "operator", "auditor"]}, "name": _S}, ("role",)), []),
     ("get", "/v1/keys", "List API keys (no secrets)", "admin", None, LIST_Q),
@@ -76,12 +93,46 @@ ROUTES: list[tuple[str, str, str, str | None, dict[str, Any] | None, list[str]]]
 ]
 
 
+#: Operations answering 201 Created (the rest answer 200).
+CREATED = {("post", "/v1/machines"), ("post", "/v1/models"), ("post", "/v1/licenses"), ("post", "/v1/keys"),
+           ("post", "/v1/machines/{code}/claims")}
+#: Non-JSON success bodies (Prometheus exposition format).
+MEDIA = {"/metrics": "text/plain"}
+#: Operations that never touch Redis (so never answer 503).
+NO_REDIS = {"/healthz", "/v1/ping", "/metrics", "/.well-known/jwks.json"}
+#: Error statuses beyond those :func:`_errors` derives from the route's shape.
+EXTRA_ERRORS = {("post", "/v1/activate"): {401, 403, 429}, ("post", "/v1/enroll"): {401, 429},
+                ("post", "/v1/licenses"): {404}}
+
+
+def _errors(method: str, path: str, roles: str | None, query: list[str]) -> set[int]:
+    """The error statuses an operation can answer, each with an Error body."""
+    codes = set(EXTRA_ERRORS.get((method, path), ()))
+    if roles:
+        codes |= {401, 403}  # checked first: before any parameter or body
+    if query:
+        codes.add(400)
+    if "{" in path:
+        codes |= {400, 404}  # a malformed id, an unknown one
+    if query or "{" in path:
+        codes.add(414)  # request line over gunicorn's limit_request_line (answered as JSON too)
+    if method != "get":
+        codes |= {400, 409, 413}  # every body is parsed strictly (even an expected-empty one); racing writes
+    if path not in NO_REDIS:
+        codes.add(503)  # Redis unreachable
+    return codes
+
+
 def document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for method, path, summary, roles, schema, query in ROUTES:
+        media = MEDIA.get(path, "application/json")
         op: dict[str, Any] = {"summary": summary, "responses": {
-            "200": {"description": "OK", "content": {"application/json": {}}},
-            "default": {"description": "Error", "content": {"application/json": {"schema": ERROR}}}}}
+            "201" if (method, path) in CREATED else "200": {
+                "description": "Created" if (method, path) in CREATED else "OK",
+                "content": {media: {"schema": _S} if media.startswith("text/") else {}}},
+            **{str(c): {"description": HTTPStatus(c).phrase, "content": {"application/json": {"schema": ERROR}}}
+               for c in sorted(_errors(method, path, roles, query))}}}
         if roles:
             op["security"] = [{"apiKey": []}]
             op["description"] = f"Roles: {roles}."

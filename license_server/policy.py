@@ -4,13 +4,18 @@ The tree walks vendor → device type → OS version (a prefix match on the OS s
 specific ``suite`` found wins.  Two facts then override the choice, because a wrong suite is a
 machine that cannot unlock: a device without AES instructions gets ChaCha20-Poly1305 (constant
 time in software) instead of AES-GCM, and a post-quantum suite asked for a machine that has no
-ML-KEM key falls back to the classic one.  File format (JSON or TOML, ``LAYERLOCK_POLICY_FILE``)::
+ML-KEM key falls back to the classic one — unless the node that chose it says
+``"require": true``: then such a machine is *denied* (``suite_required``) instead of silently
+downgraded, because a policy that demands post-quantum protection must not be defeated by
+enrolling without the ML-KEM key.  File format (JSON or TOML, ``LAYERLOCK_POLICY_FILE``)::
 
     {"suite": "X25519-SHA256-AES256GCM",
      "vendors": {"Dell Inc.": {"suite": "...",
-                              "types": {"x86_64": {"os": {"Ubuntu 24.04": "MLKEM768X25519-SHA256-AES256GCM"}}}}}}
+                              "types": {"x86_64": {"suite": "MLKEM768X25519-SHA256-AES256GCM", "require": true,
+                                                   "os": {"Ubuntu 24.04": "MLKEM768X25519-SHA256-AES256GCM"}}}}}}
 
-``"*"`` matches any vendor or type.
+``"*"`` matches any vendor or type.  ``require`` applies to the suite of the node it stands in
+(and to an ``os`` entry below it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from layerlock.shared.enrollment import DeviceClass
-from layerlock.shared.errors import ConfigError
+from layerlock.shared.errors import ActivationDenied, ConfigError, Denial
 from layerlock.shared.wrap import DEFAULT_SUITE, HYBRID_SUITES, SUITES
 
 CHACHA = "X25519-SHA256-CHACHA20POLY1305"
@@ -47,27 +52,38 @@ class SuitePolicy:
     def _check(self, node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if k == "suite" or (isinstance(v, str) and k not in ("vendors", "types", "os")):
+                if k == "require":
+                    if not isinstance(v, bool):
+                        raise ConfigError("suite policy: 'require' must be true or false")
+                elif k == "suite" or (isinstance(v, str) and k not in ("vendors", "types", "os")):
                     if v not in SUITES:
                         raise ConfigError(f"suite policy names an unknown suite {v!r}")
                 else:
                     self._check(v)
 
     def choose(self, device: DeviceClass, has_pq: bool) -> str:
+        """The suite for this device; raises ActivationDenied(suite_required) when the policy
+        requires a post-quantum suite and the machine enrolled without an ML-KEM key."""
         suite = self.tree.get("suite", DEFAULT_SUITE)
+        required = bool(self.tree.get("require", False))
         vendors = self.tree.get("vendors", {})
         vnode = vendors.get(device.vendor) or vendors.get("*")
         if vnode:
-            suite = vnode.get("suite", suite)
+            suite, required = vnode.get("suite", suite), bool(vnode.get("require", required))
             types = vnode.get("types", {})
             tnode = types.get(device.type) or types.get("*")
             if tnode:
-                suite = tnode.get("suite", suite)
+                suite, required = tnode.get("suite", suite), bool(tnode.get("require", required))
                 for prefix, s in sorted(tnode.get("os", {}).items(), key=lambda kv: -len(kv[0])):
                     if device.os.startswith(prefix):
                         suite = s
                         break
         if suite in HYBRID_SUITES and not has_pq:
+            if required:
+                raise ActivationDenied(Denial.SUITE_REQUIRED,
+                                       f"the suite policy requires {suite} for this device class, and this "
+                                       "machine enrolled without an ML-KEM key: re-enroll it with "
+                                       "'layerlock-verifier enroll --pq'")
             suite = DEFAULT_SUITE
         if not device.aes and suite == DEFAULT_SUITE:
             suite = CHACHA

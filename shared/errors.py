@@ -1,19 +1,21 @@
 """One exception hierarchy for the whole product, rooted in :class:`LayerlockError`.
 
-Every error carries a stable machine-readable ``code`` (what scripts and the verifier branch on)
-and the HTTP status it maps to.  The mapping lives here, in one place, so the REST API, the CLI
-and the sidecar all agree on what a failure *is*.  Messages never contain secrets: they name the
+Every error carries a stable machine-readable ``code`` (what scripts and the verifier branch on),
+so the REST API, the CLI and the sidecar all agree on what a failure *is*.  ``shared`` knows no
+transport: which HTTP status a failure becomes is the server's business
+(:mod:`layerlock.license_server.statuses`).  Messages never contain secrets: they name the
 field or file that is wrong, never the key or token itself.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 
 class LayerlockError(Exception):
     """Base class: anything layerlock raises on purpose."""
 
     code: str = "error"
-    http_status: int = 500
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -30,14 +32,12 @@ class InvalidInput(LayerlockError):
     """A request body, CLI argument or file field is malformed."""
 
     code = "invalid_input"
-    http_status = 400
 
 
 class ConfigError(LayerlockError):
     """A configuration file or environment variable is wrong."""
 
     code = "config_error"
-    http_status = 500
 
 
 class MachineCodeError(InvalidInput):
@@ -51,7 +51,6 @@ class LockError(LayerlockError):
     """The lock format: protecting or restoring a model failed."""
 
     code = "lock_error"
-    http_status = 400
 
 
 class BundleFormatError(LockError):
@@ -83,92 +82,109 @@ class TokenError(LayerlockError):
     """A license token failed verification."""
 
     code = "bad_token"
-    http_status = 401
 
 
 class WrapError(LayerlockError):
     """Sealing or opening a wrapped key failed (wrong key, wrong binding, tampered)."""
 
     code = "bad_wrap"
-    http_status = 400
 
 
 class SignatureError(LayerlockError):
     """An enrollment code or activation request signature does not verify."""
 
     code = "bad_signature"
-    http_status = 401
 
 
 # --- server-side outcomes ----------------------------------------------------------------------
 class Unauthorized(LayerlockError):
     code = "unauthorized"
-    http_status = 401
 
 
 class Forbidden(LayerlockError):
     code = "forbidden"
-    http_status = 403
 
 
 class NotFound(LayerlockError):
     code = "not_found"
-    http_status = 404
 
 
 class Conflict(LayerlockError):
     code = "conflict"
-    http_status = 409
 
 
 class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
-    http_status = 413
+
+
+class Denial(StrEnum):
+    """Why the license server refused an activation: the one list the server, the OpenAPI
+    document and the sidecar all read.
+
+    The sidecar sorts them in two kinds (:data:`DEFINITIVE`): a *definitive* answer about this
+    machine's license drops a served model at once; anything else (a flood, a clock problem, a
+    replayed or unverifiable request — which an outsider can provoke without the machine key)
+    leaves a served model alone and lets a restarted sidecar unlock from its cached token.
+    """
+
+    UNKNOWN_MACHINE = "unknown_machine"
+    NOT_ENROLLED = "not_enrolled"
+    MACHINE_INACTIVE = "machine_inactive"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_LICENSE = "no_license"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    SUITE_REQUIRED = "suite_required"
+    BAD_SIGNATURE = "bad_signature"
+    STALE_REQUEST = "stale_request"
+    REPLAY = "replay"
+    RATE_LIMITED = "rate_limited"
+    BUSY = "busy"
+
+
+#: Answers that say the machine may not have this model: the sidecar drops it.
+DEFINITIVE = frozenset({Denial.UNKNOWN_MACHINE, Denial.NOT_ENROLLED, Denial.MACHINE_INACTIVE,
+                        Denial.UNKNOWN_MODEL, Denial.NO_LICENSE, Denial.REVOKED, Denial.EXPIRED,
+                        Denial.SUITE_REQUIRED})
+
+#: Denials of requests that did not prove possession of the machine key (or that anyone holding
+#: a captured request could provoke): counted in metrics and per-hour aggregates, never audited
+#: one by one, never counted against the machine.
+UNAUTHENTICATED = frozenset({Denial.UNKNOWN_MACHINE, Denial.NOT_ENROLLED, Denial.BAD_SIGNATURE,
+                             Denial.STALE_REQUEST, Denial.REPLAY, Denial.RATE_LIMITED, Denial.BUSY})
 
 
 class ActivationDenied(LayerlockError):
-    """The server refused an activation; ``code`` is one of the documented reasons.
-
-    Reasons: ``unknown_machine``, ``machine_inactive``, ``no_license``, ``revoked``, ``expired``,
-    ``bad_signature``, ``stale_request``, ``replay``, ``rate_limited``, ``unknown_model``.
-    """
+    """The server refused an activation; ``code`` is one of :class:`Denial`."""
 
     code = "denied"
-    http_status = 403
 
-    STATUS_BY_REASON = {
-        "bad_signature": 401,
-        "stale_request": 401,
-        "replay": 409,
-        "rate_limited": 429,
-    }
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message, code=str(reason))
+
+
+class ClaimRefused(LayerlockError):
+    """An enrollment claim secret was unknown, used, expired, or for another machine."""
+
+    code = "bad_claim"
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message, code=reason)
-        self.http_status = self.STATUS_BY_REASON.get(reason, 403)
-
-
-class RateLimited(LayerlockError):
-    code = "rate_limited"
-    http_status = 429
 
 
 class Unavailable(LayerlockError):
     """A dependency (Redis) is down; the client should retry later."""
 
     code = "unavailable"
-    http_status = 503
 
 
 class VerifierError(LayerlockError):
     """The sidecar refused a request (model not unlocked, dropped, unknown)."""
 
     code = "verifier_error"
-    http_status = 503
 
 
 class ProtocolError(LayerlockError):
     """A socket frame is malformed, oversized or truncated."""
 
     code = "protocol_error"
-    http_status = 400

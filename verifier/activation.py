@@ -44,6 +44,19 @@ class ServerClient:
             raise Unavailable("license server JWKS is not a JSON object")
         return doc
 
+    def enroll(self, enrollment_code: str, claim: str) -> dict[str, Any]:
+        """Redeem a claim: bind this machine's keys (named in its self-signed enrollment code)."""
+        resp = self._call("POST", "/v1/enroll", {"enrollment": enrollment_code, "claim": claim})
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = None
+        if resp.status_code == 200 and isinstance(doc, dict):
+            return doc
+        if resp.status_code < 500 and isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            raise ActivationDenied(doc["error"], str(doc.get("message", ""))[:300])
+        raise Unavailable(f"license server answered {resp.status_code} to the enrollment")
+
     def activate(self, machine: str, model_id: str, keys: MachineKeys) -> str:
         """A fresh token for ``model_id``; raise ActivationDenied or Unavailable."""
         body = make_request(machine, model_id, keys.sign).to_dict()

@@ -33,7 +33,7 @@ def _fail(exc: LayerlockError | str) -> None:
     sys.exit(1)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The layerlock verifier sidecar: unlocks licensed models in memory and serves them locally."""
 
@@ -49,10 +49,18 @@ def main() -> None:
 @click.option("--machine-id-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="machine-id source (default /etc/machine-id); for tests and multi-instance demos")
 @click.option("--pq", is_flag=True, help="also create an ML-KEM-768 key for the post-quantum hybrid suite")
+@click.option("--claim", help="the single-use claim secret (llc_…) ops created with `layerlock machines add "
+              "LLK-… --claim`: binds this machine's keys at the server now (needs --server)")
 @click.option("--json", "as_json", is_flag=True)
 def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks_file: Path | None,
-           machine_id_file: Path | None, pq: bool, as_json: bool) -> None:
-    """Create the machine keys (kept if present), pin the server keys, print the enrollment code."""
+           machine_id_file: Path | None, pq: bool, claim: str | None, as_json: bool) -> None:
+    """Create the machine keys (kept if present), pin the server keys, print the enrollment code.
+
+    Two ways to get the keys to the license server, both proving that ops meant this host:
+    give the printed enrollment code (LLE1.…) to ops for `layerlock machines add`, or, if ops
+    registered the bare machine code and gave you a claim secret, pass it with --claim and the
+    keys are bound now.
+    """
     # Imported here, not at the top: `run` and `status` start faster without them.
     from layerlock.shared.enrollment import DeviceClass, Enrollment, make_code
     from layerlock.shared.keys import raw_public
@@ -62,6 +70,8 @@ def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks
 
     if not server_url and not jwks_file:
         _fail("give --server URL (fetch the server keys) or --jwks-file FILE (air-gapped)")
+    if claim is not None and not server_url:
+        _fail("--claim needs --server URL: the claim is redeemed at the license server")
     try:
         state = StateDir(state_dir)
         state.create()
@@ -87,12 +97,18 @@ def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks
         enrollment_code = make_code(enrollment, keys.sign)
         state.save_machine({"machine": code, "machine_id_file": source, "enrolled_at": int(time.time()),
                             "pq": pq_pub is not None})
+        if claim is not None:
+            ServerClient(str(server_url), ca_bundle=ca_bundle).enroll(enrollment_code, claim.strip())
     except LayerlockError as exc:
-        _fail(exc)
+        _fail(f"{exc.code}: {exc.message}" if claim is not None else exc)
     if as_json:
         click.echo(json.dumps({"machine": code, "enrollment_code": enrollment_code,
                                "state_dir": str(state_dir), "pinned_kids": sorted(state.load_jwks()),
-                               "pq": pq_pub is not None}))
+                               "pq": pq_pub is not None, "claimed": claim is not None}))
+    elif claim is not None:
+        click.echo(f"machine code: {code}")
+        click.echo("enrolled: the license server bound this machine's keys (claim redeemed); "
+                   "start the sidecar: systemctl enable --now layerlock-verifier")
     else:
         click.echo(f"machine code: {code}")
         click.echo("enrollment code (give it to your vendor: layerlock machines add CODE):")
@@ -104,13 +120,20 @@ def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks
 @click.option("-c", "--config", "config_path", envvar=CONFIG_ENV, default=DEFAULT_CONFIG, show_default=True,
               type=click.Path(path_type=Path))
 @click.argument("path", required=False, type=click.Path(path_type=Path))
-def check(config_path: Path, path: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help='also print {"ok", "config", "models"} or {"ok": false, "config", "problems"} on stdout')
+def check(config_path: Path, path: Path | None, as_json: bool) -> None:
     """Validate a config file; print every problem as FILE: KEY: what is wrong."""
     target = path or config_path
     try:
         config = load_config(target)
     except LayerlockError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "config": str(target), "problems": exc.message.splitlines()}))
         _fail(exc)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "config": str(target), "models": [m.id for m in config.models]}))
+        return
     click.echo(f"ok: {target}: {len(config.models)} model(s): {', '.join(m.id for m in config.models)}")
 
 
@@ -160,8 +183,7 @@ def serve(config: Config) -> None:
         if stop.is_set():
             daemon.stop()
             return
-    sock = SocketServer(config.socket, daemon, allowed_uids=set(config.allowed_uids),
-                        allowed_gids=set(config.allowed_gids), timeout=config.client_timeout)
+    sock = SocketServer.from_config(config, daemon)
     try:
         sock.start()
     except (LayerlockError, OSError):

@@ -6,11 +6,15 @@ reads the slot's state.  The rules, in the order they are applied:
 * A token is accepted only through :func:`layerlock.verifier.unlock.accept_token`.
 * Renewal is due at the token's ``rna`` (about two thirds of its life); failures back off
   exponentially with jitter, between ``retry_min`` and ``retry_max``.
-* The server *cannot be asked* (network error, timeout, 503): keep serving until ``exp``, then
-  drop.  A model not yet unlocked tries the cached token instead (restart while offline).
-* The server *answers no* with revoked / expired / no_license / machine_inactive /
-  unknown_machine (or another non-transient reason): drop at once, forget the cached token,
-  refuse clients with that reason.  Retries continue slowly, so a re-issued license heals.
+* The server *cannot be asked* (network error, timeout, 5xx) or gives a *transient* answer
+  (``rate_limited``, ``busy``, ``stale_request``, ``replay``, ``bad_signature`` — answers an
+  outsider can provoke without the machine key, e.g. by flooding a machine code): keep serving
+  until ``exp``, then drop.  A model not yet unlocked tries the cached token instead (restart
+  during an outage or a flood).
+* The server *answers no* definitively (:data:`layerlock.shared.errors.DEFINITIVE`: revoked,
+  expired, no_license, machine_inactive, unknown_machine, not_enrolled, unknown_model,
+  suite_required): drop at once, forget the cached token, refuse clients with that reason.
+  Retries continue slowly, so a re-issued license heals.
 * A server token signed by a key that is not pinned (the server rotated its signing key): fetch
   the JWKS (at most once a minute), pin the keys endorsed by already-pinned ones
   (:func:`layerlock.shared.tokens.extend_pinned`), persist them and try the token once more.
@@ -29,7 +33,7 @@ from typing import Any, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from layerlock.shared.errors import ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
+from layerlock.shared.errors import DEFINITIVE, ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
 from layerlock.shared.machine import machine_code
 from layerlock.shared.tokens import LicenseClaims, extend_pinned, jwks
 from layerlock.verifier.config import Config, ModelConfig
@@ -39,13 +43,16 @@ from layerlock.verifier.memory import SealedModel
 from layerlock.verifier.state import MachineKeys, StateDir
 from layerlock.verifier.unlock import accept_token, restore_model
 
-TRANSIENT_DENIALS = frozenset({"rate_limited", "replay", "stale_request"})
 LOCKED, UNLOCKED, REFUSED = "locked", "unlocked", "refused"
 JWKS_REFRESH_S = 60.0
 
 
 class Activator(Protocol):
+    """What the daemon needs of the license server (:class:`layerlock.verifier.activation.ServerClient`)."""
+
     def activate(self, machine: str, model_id: str, keys: MachineKeys) -> str: ...
+
+    def fetch_jwks(self) -> dict[str, Any]: ...
 
 
 Restorer = Callable[[str, Path, Path, bytes], SealedModel]
@@ -195,9 +202,11 @@ class Daemon:
             return
         except ActivationDenied as exc:
             log("activation_denied", level="warning", model=model_id, reason=exc.code, detail=exc.message)
-            if exc.code in TRANSIENT_DENIALS:
+            if exc.code not in DEFINITIVE:
                 if slot.state != UNLOCKED:
-                    self._set(slot, LOCKED, exc.code, exc.message)
+                    self._from_cache(slot, f"the server answered {exc.code}")
+                    if slot.state == LOCKED:  # no usable cached token: say what the server said
+                        self._set(slot, LOCKED, exc.code, exc.message)
             else:
                 self._drop(slot, exc.code, exc.message or f"the license server denied: {exc.code}",
                            forget=True)
@@ -269,24 +278,22 @@ class Daemon:
     def _extend_jwks(self, token: str, tried: Mapping[str, ed25519.Ed25519PublicKey]) -> bool:
         """True if the token's unknown kid is now pinned, through keys the server's JWKS shows
         endorsed by keys we already trust.  Only a fresh server token may trigger the (rate
-        limited) fetch: a cached token was accepted once, so its key is pinned already.  A
-        server stand-in without ``fetch_jwks`` leaves the pinned set as it is."""
+        limited) fetch: a cached token was accepted once, so its key is pinned already."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError:
             return False
         if not isinstance(kid, str) or kid in tried:
             return False  # refused for another reason than an unknown key
-        fetch = getattr(self.server, "fetch_jwks", None)
         with self._jwks_lock:
             if kid in self.jwks:  # another model's thread got there first
                 return True
             now = time.monotonic()
-            if fetch is None or (self._jwks_fetched is not None and now - self._jwks_fetched < JWKS_REFRESH_S):
+            if self._jwks_fetched is not None and now - self._jwks_fetched < JWKS_REFRESH_S:
                 return False
             self._jwks_fetched = now
             try:
-                extended = extend_pinned(self.jwks, fetch())
+                extended = extend_pinned(self.jwks, self.server.fetch_jwks())
             except LayerlockError as exc:
                 log("jwks_fetch_failed", level="warning", detail=exc.message)
                 return False

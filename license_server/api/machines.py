@@ -1,4 +1,9 @@
-"""``/v1/machines``: register (optionally with the verifier's enrollment code), list, update, deactivate."""
+"""``/v1/machines``: register, claim, list, update, deactivate.
+
+A machine registered with its enrollment code has its keys at once.  One registered by its
+bare machine code has none, and gets them only through a claim ops create here
+(``POST /v1/machines/<code>/claims``, the secret shown once) and the host presents with its
+enrollment code (``POST /v1/enroll``).  See :mod:`layerlock.license_server.store.claims`."""
 
 from __future__ import annotations
 
@@ -7,13 +12,25 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from layerlock.license_server.api.common import READERS, WRITERS, body, labels, machine_code, page_args, require, string
+from layerlock.license_server.api.common import (
+    READERS,
+    WRITERS,
+    body,
+    integer,
+    labels,
+    machine_code,
+    page_args,
+    require,
+    string,
+)
 from layerlock.license_server.app import services
-from layerlock.license_server.store import dumps, machines, page
+from layerlock.license_server.store import claims, dumps, machines, page
 from layerlock.shared.enrollment import parse_code
 from layerlock.shared.errors import Conflict, InvalidInput
 
 bp = Blueprint("machines", __name__, url_prefix="/v1/machines")
+#: Bounds of a claim's lifetime: long enough to reach the host, short enough to go stale.
+MAX_CLAIM_TTL = 30 * 86_400
 
 
 @bp.post("")
@@ -102,3 +119,14 @@ def deactivate(code: str) -> dict[str, Any]:
 @require(*WRITERS)
 def reactivate(code: str) -> dict[str, Any]:
     return _set_status(code, "active", "machine_reactivated")
+
+
+@bp.post("/<code>/claims")
+@require(*WRITERS)
+def create_claim(code: str) -> tuple[dict[str, Any], int]:
+    code = machine_code(code)
+    doc = body({"ttl"})
+    svc = services()
+    ttl = integer(doc.get("ttl", svc.config.default_claim_ttl), "ttl", lo=svc.config.min_lifetime, hi=MAX_CLAIM_TTL)
+    return claims.create(svc.audit, svc.redis, code, ttl, actor=g.actor), 201
+

@@ -8,11 +8,13 @@ one-line reason on failure.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from layerlock.license_server import checkpoints
 from layerlock.license_server.cli.rest import Client, emit, rest_options
 
 MACHINE_COLS = ["machine", "customer", "status", "enrolled", "labels"]
@@ -85,16 +87,79 @@ def machines() -> None:
     """Register and manage customer machines."""
 
 
+def _duration(text: str | None) -> int | None:
+    """``90``, ``90s``, ``30m``, ``24h`` or ``7d`` → seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    num, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not num.isascii() or not num.isdigit():
+        raise click.BadParameter(f"{text!r} is not a duration like 3600, 30m, 24h or 7d")
+    return int(num) * units[unit]
+
+
+def _print_claim(doc: dict[str, Any]) -> None:
+    click.echo(f"claim for {doc['machine']} (single use, expires {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(doc['expires_at']))}), shown once:")  # noqa: E501
+    click.echo(doc["claim"])
+    click.echo(f"on that host: sudo layerlock-verifier enroll --server URL --claim {doc['claim']}")
+
+
 @machines.command("add")
 @click.argument("code")
 @click.option("--customer", default="")
 @click.option("--label", "label_pairs", multiple=True, help="key=value (repeatable).")
+@click.option("--claim", "with_claim", is_flag=True,
+              help="CODE is a bare machine code: also create a single-use claim secret for the host to enroll with.")
+@click.option("--claim-ttl", default=None, help="Claim lifetime: 3600, 30m, 24h, 7d (default: server's, 24h).")
 @rest_options
-def machines_add(client: Client, as_json: bool, code: str, customer: str, label_pairs: tuple[str, ...]) -> None:
-    """Register a machine. CODE is a machine code (LLK-…) or the enrollment code (LLE1.…) the verifier printed."""
+def machines_add(client: Client, as_json: bool, code: str, customer: str, label_pairs: tuple[str, ...],
+                 with_claim: bool, claim_ttl: str | None) -> None:
+    """Register a machine.
+
+    CODE is the enrollment code (LLE1.…) that `layerlock-verifier enroll` printed on the host: the
+    machine's keys are bound at once. Or CODE is a bare machine code (LLK-…) with --claim: the server
+    returns a single-use claim secret (shown once) that the host presents with
+    `layerlock-verifier enroll --claim SECRET`. A machine code alone binds no key: knowing a machine
+    code (it is not a secret) must not let anyone else enroll as that machine.
+    """
+    enrolled = code.startswith("LLE1.")
+    if with_claim and enrolled:
+        raise click.UsageError("--claim is for a bare machine code; an enrollment code binds the keys already")
+    ttl = _duration(claim_ttl)
     body: dict[str, Any] = {"customer": customer, "labels": _labels(label_pairs)}
-    body["enrollment" if code.startswith("LLE1.") else "machine"] = code
-    emit(client.call("POST", "/v1/machines", body), as_json)
+    body["enrollment" if enrolled else "machine"] = code
+    doc = client.call("POST", "/v1/machines", body)
+    if with_claim:
+        claim = client.call("POST", f"/v1/machines/{doc['machine']}/claims", {} if ttl is None else {"ttl": ttl})
+        doc = {**doc, "claim": claim["claim"], "claim_id": claim["claim_id"], "claim_expires_at": claim["expires_at"]}
+        if not as_json:
+            emit({k: v for k, v in doc.items() if not k.startswith("claim")}, False)
+            _print_claim(claim)
+            return
+    elif not enrolled and not as_json:
+        emit(doc, False)
+        click.echo("note: no key is bound yet: give the host a claim (layerlock machines claim "
+                   f"{doc['machine']}) or re-add it with its enrollment code", err=True)
+        return
+    emit(doc, as_json)
+
+
+@machines.command("claim")
+@click.argument("code")
+@click.option("--ttl", default=None, help="Claim lifetime: 3600, 30m, 24h, 7d (default: server's, 24h).")
+@rest_options
+def machines_claim(client: Client, as_json: bool, code: str, ttl: str | None) -> None:
+    """Create a single-use claim secret for a machine registered by its bare code.
+
+    The host enrolls with it (`layerlock-verifier enroll --server URL --claim SECRET`); the secret is
+    shown once, stored only hashed, and a newer claim replaces an older unused one.
+    """
+    seconds = _duration(ttl)
+    doc = client.call("POST", f"/v1/machines/{code}/claims", {} if seconds is None else {"ttl": seconds})
+    if as_json:
+        emit(doc, True)
+    else:
+        _print_claim(doc)
 
 
 @machines.command("list")
@@ -143,22 +208,41 @@ def models() -> None:
 
 @models.command("add")
 @click.argument("sealed_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model-id", default=None, help="Default: the 'model' field of the sealed key document.")
-@click.option("--name", default=None)
+@click.option("--model-id", default=None,
+              help="Default: NAME-VERSION with --name (NAME alone without --version), else the sealed key's model id.")
+@click.option("--name", default=None, help="Display name; with --version it also makes the id NAME-VERSION.")
 @click.option("--version", "version_", default="")
 @rest_options
 def models_add(client: Client, as_json: bool, sealed_key: Path, model_id: str | None, name: str | None,
                version_: str) -> None:
-    """SEALED_KEY is the *.key.sealed document `layerlock protect` wrote."""
+    """Register a protected model. SEALED_KEY is the *.key.sealed document `layerlock protect` wrote.
+
+    The model id is bound into the sealed key (and the .llk bundle) when `layerlock protect`
+    runs, so it must match: protect with --model-id NAME-VERSION, then add with --name NAME
+    --version VERSION.  Prints the id it registered.
+    """
     try:
         doc = json.loads(sealed_key.read_text())
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot read {sealed_key}: {exc}") from None
-    mid = model_id or (doc.get("model") if isinstance(doc, dict) else None)
-    if not mid:
-        raise click.ClickException("the sealed key names no model; pass --model-id")
-    body = {"model_id": mid, "name": name or mid, "version": version_, "sealed_key": doc}
-    emit(client.call("POST", "/v1/models", body), as_json)
+    sealed_for = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(sealed_for, str) or not sealed_for:
+        raise click.ClickException(f"{sealed_key} is not a sealed key document from `layerlock protect` "
+                                   "(it names no model)")
+    wanted = model_id or (f"{name}-{version_}" if name and version_ else name) or sealed_for
+    if wanted != sealed_for:
+        how = "--model-id" if model_id else "--name/--version"
+        raise click.ClickException(
+            f"{sealed_key} is sealed for model id {sealed_for!r}, not {wanted!r} (from {how}): the id is bound "
+            f"into the sealed key and the .llk bundle when `layerlock protect` runs. Protect again with "
+            f"--model-id {wanted}, or register it under its own id with --model-id {sealed_for}")
+    body = {"model_id": wanted, "name": name or wanted, "version": version_, "sealed_key": doc}
+    rec = client.call("POST", "/v1/models", body)
+    if as_json:
+        emit(rec, True)
+    else:
+        click.echo(f"registered model {rec.get('model_id', wanted)} (name {rec.get('name', '')!r}, "
+                   f"version {rec.get('version', '')!r}); license it with --model {rec.get('model_id', wanted)}")
 
 
 @models.command("list")
@@ -244,7 +328,11 @@ def licenses_extend(client: Client, as_json: bool, license_id: str, days: int | 
 # --- audit -------------------------------------------------------------------------------------
 @click.group()
 def audit() -> None:
-    """Read and verify the hash-chained audit trail."""
+    """Read and verify the hash-chained audit trail.
+
+    To detect history rewritten in Redis, save signed checkpoints (`audit checkpoint --out`)
+    outside the server and check the log against them (`audit verify --checkpoint`).
+    """
 
 
 def _audit_filters(opts: dict[str, Any]) -> dict[str, Any]:
@@ -293,10 +381,145 @@ def audit_export(client: Client, as_json: bool, **filters: Any) -> None:
         click.echo(json.dumps(rec, sort_keys=True))
 
 
-@audit.command("verify")
+_PIN = click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                    help="Pinned checkpoint public key (JWK from `audit checkpoint-key --out`, the "
+                         "server's keys/checkpoint.pub, or PEM). Default: the key the server publishes.")
+
+
+def _pinned(client: Client, key_file: Path | None) -> tuple[Any, str]:
+    """(public key, where it came from): the pinned file, else the server's published key."""
+    try:
+        if key_file is not None:
+            return checkpoints.parse_key(key_file.read_text()), "the pinned key"
+        return (checkpoints.parse_key(json.dumps(client.call("GET", "/v1/audit/checkpoint-key"))),
+                "the server's published key")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {key_file}: {exc}") from None
+    except checkpoints.CheckpointError as exc:
+        raise click.ClickException(f"{key_file or 'server checkpoint key'}: {exc.message}") from None
+
+
+def _read_checkpoint(path: Path, key: Any, label: str) -> checkpoints.Checkpoint:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read checkpoint {path}: {exc}") from None
+    except ValueError:
+        raise click.ClickException(f"checkpoint {path} is not JSON") from None
+    try:
+        return checkpoints.verify(doc, key, label=label)
+    except checkpoints.CheckpointError as exc:
+        raise click.ClickException(f"checkpoint {path}: {exc.message}") from None
+
+
+def _cp_doc(cp: checkpoints.Checkpoint, **extra: Any) -> dict[str, Any]:
+    return {**extra, "size": cp.size, "head": cp.head, "ts": cp.ts, "kid": cp.kid}
+
+
+@audit.command("checkpoint")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the checkpoint here (default: print it as JSON).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@_PIN
 @rest_options
-def audit_verify(client: Client, as_json: bool) -> None:
-    """Walk the hash chain; exit 1 and name the first broken record if it does not hold."""
+def audit_checkpoint(client: Client, as_json: bool, out: Path | None, force: bool, key_file: Path | None) -> None:
+    """Get a signed checkpoint (size, head hash, time) of the audit log.
+
+    Keep it somewhere the server's Redis cannot reach: `audit verify --checkpoint FILE` later
+    proves that the log still contains, unchanged, every record up to it.  The signature is
+    checked (against --key when given) before anything is saved.
+    """
+    doc = client.call("GET", "/v1/audit/checkpoint")
+    key, label = _pinned(client, key_file)
+    try:
+        cp = checkpoints.verify(doc, key, label=label)
+    except checkpoints.CheckpointError as exc:
+        raise click.ClickException(f"the server's checkpoint: {exc.message}") from None
+    if out is None:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    try:
+        with open(out, "w" if force else "x") as fh:
+            fh.write(json.dumps(doc, indent=2) + "\n")
+    except FileExistsError:
+        raise click.ClickException(f"{out} exists (keep old checkpoints; --force overwrites)") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
+    if as_json:
+        emit(_cp_doc(cp, file=str(out)), True)
+    else:
+        click.echo(f"checkpoint saved to {out}: {cp.size} records, head {cp.head[:16]}…, key {cp.kid}")
+
+
+@audit.command("checkpoint-key")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Save the JWK here.")
+@rest_options
+def audit_checkpoint_key(client: Client, as_json: bool, out: Path | None) -> None:
+    """The public key that signs checkpoints (a JWK), to pin with --key.
+
+    Fetching it from the server you audit is trust on first use: compare its kid with the
+    server's keys/checkpoint.pub out of band.
+    """
+    jwk = client.call("GET", "/v1/audit/checkpoint-key")
+    if out is not None:
+        try:
+            out.write_text(json.dumps(jwk) + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
+    emit(jwk, as_json)
+
+
+def _verify_locally(client: Client, files: tuple[Path, ...], key_file: Path | None) -> dict[str, Any]:
+    key, label = _pinned(client, key_file)
+    cps = [(path, _read_checkpoint(path, key, label)) for path in files]
+    out: dict[str, Any] = {"key": "pinned" if key_file else "server",
+                           "checkpoints": [_cp_doc(cp, file=str(path)) for path, cp in cps]}
+    cursor = None
+    try:
+        walk = checkpoints.ChainWalk(cp for _, cp in cps)
+        while True:
+            page = client.call("GET", "/v1/audit/raw", params={"cursor": cursor, "limit": 5000})
+            for item in page["items"]:
+                walk.feed(str(item["id"]), item["rec"], item["h"])
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                break
+        walk.finish()
+    except checkpoints.ChainBroken as exc:
+        return {**exc.report, **out, "ok": False}
+    except (KeyError, TypeError):
+        raise click.ClickException("unexpected answer from GET /v1/audit/raw") from None
+    return {"ok": True, "checked": walk.count, "head": walk.prev, **out}
+
+
+@audit.command("verify")
+@click.option("--checkpoint", "checkpoint_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A saved checkpoint (repeatable): verify locally that the log extends it.")
+@_PIN
+@rest_options
+def audit_verify(client: Client, as_json: bool, checkpoint_files: tuple[Path, ...], key_file: Path | None) -> None:
+    """Check the hash chain; exit 1 with the first break if it does not hold.
+
+    Without --checkpoint the server walks its own chain (and the checkpoints it kept).  That
+    catches naive edits only: whoever can write to Redis can re-chain history.  With
+    --checkpoint, this command fetches every record (GET /v1/audit/raw) and checks here, without
+    trusting the server's verdict: the checkpoint's signature (its own key and --key, or the
+    server's published key), the chain from genesis, and that record #size still hashes to the
+    checkpoint's head — so nothing up to the checkpoint was edited, removed or re-chained.
+    """
+    if checkpoint_files:
+        doc = _verify_locally(client, checkpoint_files, key_file)
+        if as_json:
+            emit(doc, True)
+        elif doc["ok"]:
+            covered = ", ".join(f"{c['file']} ({c['size']} records)" for c in doc["checkpoints"])
+            click.echo(f"audit log ok: {doc['checked']} records chained from genesis; extends {covered}; "
+                       f"signed by {doc['checkpoints'][0]['kid']} ({doc['key']} key)")
+        if not doc["ok"]:
+            raise click.ClickException(f"audit log does not extend the checkpoint: {doc['reason']} "
+                                       f"(at {doc['break_at']}, after {doc['checked']} good records)")
+        return
     doc = client.call("GET", "/v1/audit/verify")
     if as_json:
         emit(doc, True)

@@ -9,9 +9,13 @@
 ``ll:licenses``                zset of license ids by issue time
 ``ll:lic:<machine>:<model>``   set of license ids for the activation lookup
 ``ll:apikey:<id>`` / ``ll:apikey-hash:<sha256>``   API keys (hash only) and lookup
+``ll:claim:<sha256>``         hash: an enrollment claim (only the secret's hash is stored)
 ``ll:nonce:<machine>:<nonce>`` SET NX EX: replay guard
-``ll:rl:<kind>:<who>:<min>``   fixed-window rate-limit counters
+``ll:rl:m:<machine>:<min>``    signed activation requests of a machine this minute
+``ll:rl:bad:<source>:<min>``   failed unauthenticated requests of a source this minute
+``ll:rejects:<YYYYMMDDHH>``    hash reason → count: unauthenticated rejections, per hour
 ``ll:audit`` / ``ll:audit:head``   hash-chained audit stream and the hash of its last record
+``ll:audit:checkpoints``       list, newest first: the last signed checkpoints (``checkpoints.py``)
 =============================  ==========================================================
 
 The layout is public on purpose: ``bench/activate.py`` bulk-loads 100,000 machines with it.

@@ -2,10 +2,13 @@
 
 Each record's canonical JSON carries ``prev``, the SHA-256 of the previous record's canonical
 JSON (``"0"*64`` for the first), so deleting, reordering or editing any record breaks the chain
-from that point on.  Redis's Lua has no SHA-256, so the append is a compare-and-set: Python
-reads the head hash, builds and hashes the record, and one Lua script (:data:`_COMMIT`) moves
-the head *only if the head is still the one the record points at* — retried on a race, the
-script handing the loser the current head so the retry costs no extra read.
+from that point on — unless the writer re-chains every later record, which only a signed
+checkpoint held outside Redis catches (:mod:`layerlock.license_server.checkpoints`).
+
+Redis's Lua has no SHA-256, so the append is a compare-and-set: Python reads the head hash,
+builds and hashes the record, and one Lua script (:data:`_COMMIT`) moves the head *only if the
+head is still the one the record points at* — retried on a race, the script handing the loser
+the current head so the retry costs no extra read.
 
 The same script carries the state change the record describes (a :class:`Change`: guards,
 writes, optionally a nonce to burn), so a registration, issuance, revocation, extension or
@@ -21,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from layerlock.license_server.checkpoints import ChainBroken, ChainWalk, Checkpoint
 from layerlock.license_server.redis_conn import Client
 from layerlock.license_server.store import P, dumps
-from layerlock.shared.errors import Conflict, NotFound
+from layerlock.shared.errors import Conflict, LayerlockError, NotFound
 
 STREAM = P + "audit"
 HEAD = P + "audit:head"
@@ -72,6 +76,12 @@ return {1, id}
 
 def digest(canonical: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class SecretInRecord(LayerlockError):
+    """A caller tried to audit a secret-looking field: a bug, refused before anything is written."""
+
+    code = "internal"
 
 
 class GuardFailed(Exception):
@@ -205,7 +215,7 @@ class AuditLog:
     def _body(type_: str, actor: str, fields: dict[str, Any]) -> dict[str, Any]:
         leaked = SECRET_FIELDS & set(fields)
         if leaked:
-            raise ValueError(f"audit records never carry secrets ({', '.join(sorted(leaked))})")
+            raise SecretInRecord(f"audit records never carry secrets ({', '.join(sorted(leaked))})")
         return {"type": type_, "ts": round(time.time(), 3), "actor": actor,
                 **{k: v for k, v in fields.items() if v is not None}}
 
@@ -228,31 +238,34 @@ class AuditLog:
             hi = f"({batch[-1][0]}"
         return out, hi[1:]
 
-    def verify(self) -> dict[str, Any]:
-        """Walk the whole chain oldest first; report the first break (or ok)."""
-        prev = GENESIS
-        count = 0
+    def raw(self, *, cursor: str | None, limit: int) -> tuple[list[dict[str, str]], str | None]:
+        """Oldest first, each record exactly as stored (``rec`` string, ``h``), for verifying
+        elsewhere; ``cursor`` is the stream id to continue after (exclusive)."""
+        batch = self.r.xrange(STREAM, min=f"({cursor}" if cursor else "-", max="+", count=limit)
+        items = [{"id": sid, "rec": entry.get("rec", ""), "h": entry.get("h", "")} for sid, entry in batch]
+        return items, (batch[-1][0] if len(batch) == limit else None)
+
+    def verify(self, anchors: Iterable[Checkpoint] = ()) -> dict[str, Any]:
+        """Walk the whole chain oldest first; report the first break (or ok).
+
+        ``anchors``: verified signed checkpoints; record #size must still hash to their head
+        (:class:`~layerlock.license_server.checkpoints.ChainWalk`, also what the CLI runs locally).
+        """
         start = "-"
-        while True:
-            batch = self.r.xrange(STREAM, min=start, max="+", count=1000)
-            for sid, entry in batch:
-                canonical = entry.get("rec", "")
-                try:
-                    rec = json.loads(canonical)
-                except ValueError:
-                    return {"ok": False, "checked": count, "break_at": sid, "reason": "record is not JSON"}
-                if rec.get("prev") != prev:
-                    return {"ok": False, "checked": count, "break_at": sid,
-                            "reason": "prev does not match the hash of the previous record"}
-                if dumps(rec) != canonical or entry.get("h") != digest(canonical):
-                    return {"ok": False, "checked": count, "break_at": sid, "reason": "record was altered"}
-                prev = digest(canonical)
-                count += 1
-            if len(batch) < 1000:
-                break
-            start = f"({batch[-1][0]}"
-        head = self.r.get(HEAD) or GENESIS
-        if head != prev:
-            return {"ok": False, "checked": count, "break_at": "head",
-                    "reason": "head hash does not match the last record (records removed at the end?)"}
-        return {"ok": True, "checked": count, "head": head}
+        try:
+            walk = ChainWalk(anchors)
+            while True:
+                batch = self.r.xrange(STREAM, min=start, max="+", count=1000)
+                for sid, entry in batch:
+                    walk.feed(sid, entry.get("rec", ""), entry.get("h", ""))
+                if len(batch) < 1000:
+                    break
+                start = f"({batch[-1][0]}"
+            head = self.r.get(HEAD) or GENESIS
+            if head != walk.prev:
+                return {"ok": False, "checked": walk.count, "break_at": "head",
+                        "reason": "head hash does not match the last record (records removed at the end?)"}
+            walk.finish()
+        except ChainBroken as exc:
+            return exc.report
+        return {"ok": True, "checked": walk.count, "head": head}

@@ -55,16 +55,6 @@ def get(r: Client, license_id: str) -> dict[str, str]:
     return rec
 
 
-def for_pair(r: Client, machine: str, model: str) -> list[dict[str, str]]:
-    ids = sorted(r.smembers(pair_key(machine, model)))
-    if not ids:
-        return []
-    with r.pipeline(transaction=False) as pipe:
-        for i in ids:
-            pipe.hgetall(key(i))
-        return [rec for rec in pipe.execute() if rec]
-
-
 def state(rec: dict[str, str], now: float | None = None) -> str:
     """active | revoked | expired | pending (not_before in the future)."""
     t = time.time() if now is None else now

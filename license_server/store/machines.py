@@ -73,7 +73,9 @@ def public_view(rec: dict[str, str]) -> dict[str, Any]:
             "labels": json.loads(rec.get("labels", "{}")), "status": rec.get("status", "active"),
             "created_at": int(rec["created_at"]) // 1000, "enrolled": "sig_pub" in rec,
             "device": json.loads(rec["device"]) if "device" in rec else None,
-            "post_quantum": "pq_pub" in rec}
+            "post_quantum": "pq_pub" in rec,
+            **({"claim_expires_at": int(rec["claim_expires_at"])} if "claim_id" in rec and "sig_pub" not in rec
+               else {})}
 
 
 def device_of(rec: dict[str, str]) -> DeviceClass:

@@ -165,8 +165,12 @@ def test_copied_files_and_token_unlock_nothing_elsewhere(deployment, tmp_path):
     (state2 / "tokens").mkdir(mode=0o700)
     sock_dir = public_dir()
     try:
-        for server_url, reason in ((dep.server.url, "bad_signature"), ("http://127.0.0.1:9", "bad_wrap")):
-            # the copied token: a definitive refusal makes the sidecar forget it, so copy it each round
+        # with the real server: it answers bad_signature (host2's key is not the enrolled one) — a
+        # transient answer, since outsiders can provoke it — so the sidecar tries the copied token,
+        # whose wk is sealed to the other host's key: refused (bad_wrap). Offline: the same.
+        for server_url, denied in ((dep.server.url, "bad_signature"), ("http://127.0.0.1:9", None)):
+            reason = "bad_wrap"
+            # the copied token: a refused token is forgotten, so copy it each round
             shutil.copy(dep.state_dir / "tokens" / f"{MODEL_ID}.jwt", state2 / "tokens" / f"{MODEL_ID}.jwt")
             cfg = write_config(host2 / "verifier.toml", server=server_url, state_dir=state2,
                                machine_id_file=dep.machine_id_file, socket_path=sock_dir / "v.sock",
@@ -178,6 +182,8 @@ def test_copied_files_and_token_unlock_nothing_elsewhere(deployment, tmp_path):
                 assert st["state"] != "unlocked" and st["reason"] == reason, st
                 assert run_client(MODEL_ID, sock_dir / "v.sock")["refused"] == reason
                 assert not any(e["event"] == "model_unlocked" for e in car.events())
+                if denied:
+                    assert {e["reason"] for e in car.events() if e["event"] == "activation_denied"} == {denied}
             finally:
                 car.stop()
         # a well-formed token for this machine and model, wk sealed to host2's own key, but signed

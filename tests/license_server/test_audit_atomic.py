@@ -15,7 +15,8 @@ from tests.conftest import RedisServer
 
 STREAM = "ll:audit"
 #: Keys that are activation guards, not state: written without an audit record of their own.
-GUARD_PREFIXES = ("ll:rl:",)
+# counters, not state: rate-limit windows and the per-hour tallies of unauthenticated rejections
+GUARD_PREFIXES = ("ll:rl:", "ll:rejects:")
 
 
 def _last(r, n: int = 1) -> list[dict]:
@@ -76,8 +77,19 @@ def test_each_mutating_endpoint_writes_state_and_exactly_one_record(server):
     requests.post(server.url + "/v1/activate", json=req, timeout=5)
     n0 = r.xlen(STREAM)
     assert requests.post(server.url + "/v1/activate", json=req, timeout=5).json()["error"] == "replay"
-    assert r.xlen(STREAM) == n0 + 1 and _last(r)[0]["reason"] == "replay"
+    assert r.xlen(STREAM) == n0  # a replayed capture proves nothing: counted, not audited
     assert r.hget(f"ll:license:{lic2['license_id']}", "activations") == "3"
+    # a claim, then its redemption: each its state and exactly one record
+    m3 = new_machine()
+    register(server, m3, enrolled=False)
+    n0 = r.xlen(STREAM)
+    claim = server.api("POST", f"/v1/machines/{m3.code}/claims", {}).json()
+    assert r.xlen(STREAM) == n0 + 1 and _last(r)[0]["type"] == "claim_created"
+    assert r.hget(f"ll:machine:{m3.code}", "claim_id") == claim["claim_id"]
+    resp = requests.post(server.url + "/v1/enroll", json={"enrollment": m3.enrollment, "claim": claim["claim"]},
+                         timeout=5)
+    assert resp.status_code == 200 and r.xlen(STREAM) == n0 + 2 and _last(r)[0]["type"] == "machine_enrolled"
+    assert r.hexists(f"ll:machine:{m3.code}", "sig_pub")
     # refused changes write neither state nor a record
     snap_len = r.xlen(STREAM)
     for method, path, body, status in [
@@ -148,7 +160,10 @@ def _mutate_everything(srv) -> dict:
     t = new_machine()
     register(srv, t, enrolled=False)
     issue(srv, t, model_id)
-    assert activate(srv, t, model_id, enrollment=t.enrollment).status_code == 200  # TOFU bind + grant
+    claim = srv.api("POST", f"/v1/machines/{t.code}/claims", {}).json()["claim"]
+    assert requests.post(srv.url + "/v1/enroll", json={"enrollment": t.enrollment, "claim": claim},
+                         timeout=5).status_code == 200  # claim + key bind: one unit
+    assert activate(srv, t, model_id).status_code == 200
     srv.api("POST", f"/v1/licenses/{lic['license_id']}/revoke", {"reason": "done"})
     srv.api("POST", f"/v1/machines/{m.code}/deactivate")
     srv.api("POST", f"/v1/models/{model_id}/retire")

@@ -10,7 +10,7 @@ from ls_helpers import activate, add_model, issue, new_machine, register
 from layerlock.license_server.config import ServerConfig
 from layerlock.license_server.policy import CHACHA, SuitePolicy
 from layerlock.shared.enrollment import DeviceClass
-from layerlock.shared.errors import ConfigError
+from layerlock.shared.errors import ActivationDenied, ConfigError
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
 
@@ -48,11 +48,22 @@ def test_policy_tree_walks_vendor_type_os():
         SuitePolicy({"suite": "ROT13"})
 
 
+def test_policy_can_require_the_hybrid_suite_instead_of_downgrading():
+    policy = SuitePolicy({"vendors": {"Dell": {"suite": HYBRID, "require": True}, "HP": {"suite": HYBRID}}})
+    assert policy.choose(DeviceClass(vendor="Dell"), has_pq=True) == HYBRID
+    with pytest.raises(ActivationDenied) as denied:
+        policy.choose(DeviceClass(vendor="Dell"), has_pq=False)
+    assert denied.value.code == "suite_required" and "--pq" in denied.value.message
+    assert policy.choose(DeviceClass(vendor="HP"), has_pq=False) == "X25519-SHA256-AES256GCM"  # preferred only
+    with pytest.raises(ConfigError, match="require"):
+        SuitePolicy({"suite": HYBRID, "require": "yes"})
+
+
 def test_hybrid_suite_end_to_end(tmp_path, redis_server):
     from tests.conftest import LicenseServer
 
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps({"vendors": {"PQCorp": {"suite": HYBRID}}}))
+    policy.write_text(json.dumps({"vendors": {"PQCorp": {"suite": HYBRID, "require": True}}}))
     srv = LicenseServer(tmp_path / "pq", redis_server.url, workers=1, env={"LAYERLOCK_POLICY_FILE": str(policy)})
     srv.start()
     try:
@@ -68,5 +79,13 @@ def test_hybrid_suite_end_to_end(tmp_path, redis_server):
         key = open_sealed(claims.wrapped_key, MachineKemKeys(m.kx, m.pq).private_for(HYBRID), HYBRID,
                           binding_info(claims.lic, m.code, model_id))
         assert key == data_key
+        # the same device class without an ML-KEM key is denied, audited, not silently downgraded
+        classic = new_machine(pq=False, vendor="PQCorp")
+        register(srv, classic)
+        issue(srv, classic, model_id)
+        resp = activate(srv, classic, model_id)
+        assert (resp.status_code, resp.json()["error"]) == (403, "suite_required")
+        denied = srv.api("GET", "/v1/audit", params={"machine": classic.code, "type": "activation"}).json()["items"]
+        assert [rec["reason"] for rec in denied] == ["suite_required"]
     finally:
         srv.stop()

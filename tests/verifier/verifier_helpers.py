@@ -80,6 +80,10 @@ class FakeServer:
             raise ActivationDenied(self.mode, f"denied: {self.mode}")
         return self.machine.token(model_id, ttl=self.ttl)
 
+    def fetch_jwks(self) -> dict:
+        """A server that never rotated: the JWKS holds only the key the machine pinned."""
+        return jwks([self.machine.server_key.public_key()])
+
 
 def fake_restorer(model_id: str, locked: Path, bundle: Path, data_key: bytes) -> SealedModel:
     """Stands in for shared.lockfile: the 'model' is the data key repeated (checks it opened)."""
