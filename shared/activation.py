@@ -74,8 +74,9 @@ def parse_request(body: Any) -> ActivationRequest:
     if missing:
         raise InvalidInput(f"missing field(s): {', '.join(missing)}")
     ts = body["ts"]
-    if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
-        raise InvalidInput("ts must be a non-negative integer (Unix seconds)")
+    # below 2**53: exact as a float, so the clock-skew arithmetic on it never overflows
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < 2**53:
+        raise InvalidInput(f"ts must be an integer between 0 and {2**53 - 1} (Unix seconds)")
     nonce = body["nonce"]
     if not isinstance(nonce, str) or len(b64u_decode(nonce, field="nonce")) != NONCE_BYTES:
         raise InvalidInput(f"nonce must be {NONCE_BYTES} random bytes, base64url")

@@ -136,3 +136,113 @@ def test_chunked_oversized_body_is_413(ctx):
                          headers={"Authorization": f"Bearer {server.admin_key}", "Content-Type": "application/json"})
     assert resp.status_code == 413 and resp.json()["error"] == "payload_too_large"
     assert snapshot(server.redis()) == before
+
+
+# --- regressions from a schemathesis run (every one of these was a 500, or silently accepted) ---
+
+def _rejections(server, requests_: list[tuple[str, str, dict]], status: int = 400) -> list:
+    """Send each ``(method, path, kwargs)``; return those not answered ``status`` with a JSON
+    ``{"error": str, "message": str}`` body, and assert Redis did not change."""
+    r = server.redis()
+    before = snapshot(r)
+    failures = []
+    for method, path, kw in requests_:
+        kw = dict(kw)
+        expect = kw.pop("expect", None)
+        resp = server.api(method, path, **kw)
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = None
+        if (resp.status_code != status or not isinstance(doc, dict) or set(doc) != {"error", "message"}
+                or not all(isinstance(v, str) for v in doc.values())):
+            failures.append((method, path[:80], resp.status_code, resp.text[:200]))
+        elif expect and expect not in doc["message"]:
+            failures.append((method, path[:80], "message", doc["message"]))
+    assert snapshot(r) == before
+    return failures
+
+
+def test_numeric_query_parameters_accept_only_ascii_digits(ctx):
+    """``str.isdigit()`` is true for '²' (int() then raised: 500) and for Arabic-Indic digits
+    (int() silently accepted them); '--5' passed the lstrip('-') check."""
+    lists = ("/v1/machines", "/v1/models", "/v1/licenses", "/v1/keys")
+    cases = [(p + "?" + q) for p in lists for q in ("limit=%C2%B2", "cursor=%C2%B2", "limit=%D9%A1%D9%A0",
+                                                       "cursor=%D9%A3", "limit=--5", "cursor=--0", "limit=1%C2%B2",
+                                                       "cursor=99999999999999999999999", f"cursor={2**53 + 1}",
+                                                       "cursor=-1", "limit=%EF%BC%95")]
+    cases += ["/v1/audit?limit=%C2%B2", "/v1/audit?limit=%D9%A1", "/v1/audit?limit=--5",
+              "/v1/audit/raw?limit=%C2%B2", "/v1/audit/rejections?hours=%C2%B2", "/v1/audit/rejections?hours=--1"]
+    failures = _rejections(ctx["server"], [("GET", path, {}) for path in cases])
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_audit_time_bounds_must_be_finite_unix_seconds(ctx, name):
+    values = ["inf", "-inf", "nan", "Infinity", "1e400", "-1e300", "-1", "1e16", str(2**53 + 2), "%C2%B2",
+              "%D9%A1%D9%A0", "1_000", "0x10", "1e", ""]
+    failures = _rejections(ctx["server"], [("GET", f"/v1/audit?{name}={v}", {"expect": name}) for v in values])
+    assert not failures, failures
+
+
+def test_audit_cursor_must_be_a_bounded_record_id(ctx):
+    values = ["99999999999999999999999-0", "5-99999999999999999999999", "18446744073709551616",
+              f"{2**53 + 1}-0", "%C2%B2-0", "1-%C2%B2", "%D9%A1-0", "0-0", "-1", "1--1", "1-2-3"]
+    failures = _rejections(ctx["server"], [("GET", f"{path}?cursor={v}", {"expect": "cursor"})
+                                           for path in ("/v1/audit", "/v1/audit/raw") for v in values])
+    assert not failures, failures
+
+
+def _deep(depth: int, open_: bytes = b"[", close: bytes = b"]") -> bytes:
+    return open_ * depth + close * depth
+
+
+def test_deeply_nested_json_bodies_are_400_on_every_body_endpoint(ctx):
+    """json.loads raised RecursionError (a 500) on a few thousand brackets, well under the size cap."""
+    m, lic, server = ctx["m"], ctx["lic"], ctx["server"]
+    posts = ["/v1/activate", "/v1/machines", "/v1/models", "/v1/licenses", "/v1/keys",
+             f"/v1/licenses/{lic}/revoke", f"/v1/licenses/{lic}/extend", f"/v1/machines/{m.code}/deactivate",
+             f"/v1/models/{ctx['model']}/retire", "/v1/keys/key_nope/revoke", "/v1/keys/rotate-signing",
+             "/v1/keys/rotate-kek"]
+    bodies = [_deep(20_000), b'{"a":' * 6000 + b"1" + b"}" * 6000,
+              b'{"machine":' + _deep(3000, b'{"x":[', b"]}") + b"}"]
+    headers = {"Content-Type": "application/json"}
+    reqs = [("POST", p, {"data": b, "headers": headers, "key": "" if p == "/v1/activate" else None,
+                         "expect": "nested"}) for p in posts for b in bodies]
+    reqs += [("PATCH", f"/v1/machines/{m.code}", {"data": b, "headers": headers, "expect": "nested"}) for b in bodies]
+    failures = _rejections(server, reqs)
+    assert not failures, failures
+
+
+def test_activation_ts_must_be_below_2_53(ctx):
+    """A validly signed request whose ts has 401 digits overflowed float arithmetic (a 500); one at
+    2**53 was audited as a stale request instead of being refused as malformed."""
+    m, model, server = ctx["m"], ctx["model"], ctx["server"]
+    reqs = [("POST", "/v1/activate", {"json": m.request(model, now=ts), "key": "", "expect": "ts"})
+            for ts in (10**400, 2**53, 2**64)]
+    failures = _rejections(server, reqs)
+    assert not failures, failures
+
+
+def test_what_clients_send_is_still_accepted(ctx):
+    """The bounds above refuse nothing a client sends: brackets inside strings are not nesting,
+    fractional Unix seconds and next_cursor values work, a body at the depth limit parses."""
+    server = ctx["server"]
+    fresh = new_machine()
+    tricky = '[[[{{{"\\' * 20 + "]" * 40
+    resp = server.api("POST", "/v1/machines", {"machine": fresh.code, "customer": tricky[:200]})
+    assert resp.status_code == 201, resp.text
+    assert server.api("GET", f"/v1/machines/{fresh.code}").json()["customer"] == tricky[:200]
+    nested: object = "x"
+    for _ in range(31):
+        nested = [nested]
+    resp = server.api("PATCH", f"/v1/machines/{fresh.code}", {"labels": nested})  # depth 32: parsed, then refused
+    assert resp.status_code == 400 and "labels" in resp.json()["message"], resp.text
+    now = time.time()
+    resp = server.api("GET", f"/v1/audit?since={now - 3600:.3f}&until={now + 1}&limit=1")
+    assert resp.status_code == 200 and resp.json()["items"], resp.text
+    nxt = resp.json()["next_cursor"]
+    for path in (f"/v1/audit?cursor={nxt}&since=0", "/v1/audit?cursor=1", "/v1/audit/raw?cursor=0-1",
+                 "/v1/machines?limit=%205%20&cursor=0"):
+        resp = server.api("GET", path)
+        assert resp.status_code == 200, (path, resp.text)
