@@ -4,18 +4,30 @@ Packaged inside ``license_server`` so an installed copy works without the reposi
 come from the environment (``layerlock serve`` sets them from its options):
 ``LAYERLOCK_BIND`` (default 127.0.0.1:8700), ``LAYERLOCK_WORKERS`` (default 2 × CPUs, max 8),
 ``LAYERLOCK_THREADS`` (default 4).  The master's hooks do two jobs that must happen exactly once,
-before workers fork: start the embedded Redis when ``LAYERLOCK_REDIS_URL`` is unset (and stop
-it on exit), and give prometheus_client a fresh multiprocess directory.
+before workers fork: start the embedded Redis when ``LAYERLOCK_REDIS_URL`` is unset (supervise
+it: restarted when it dies, the master exits 1 if that keeps failing; stop it on exit), and give
+prometheus_client a fresh multiprocess directory.
+
+Workers are gthread workers whose own error replies (request line or headers too long, malformed
+requests) use the API's JSON shape ``{"error", "message"}`` instead of gunicorn's HTML page.
+gunicorn is not meant to face the Internet: a thread is held for as long as a client takes to
+send its body, so a few slow clients stall it.  Put nginx (``deploy/nginx-tls.conf``) in front;
+the master warns when it is bound to anything but loopback or a Unix socket.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import shutil
+import signal
 from typing import Any
 
+from gunicorn import util
 from gunicorn.glogging import Logger
+from gunicorn.workers.gthread import ThreadWorker
 
 __all__ = ["bind", "workers", "threads", "worker_class", "timeout", "graceful_timeout", "keepalive",
            "accesslog", "errorlog", "loglevel", "limit_request_line", "limit_request_field_size",
@@ -25,7 +37,7 @@ __all__ = ["bind", "workers", "threads", "worker_class", "timeout", "graceful_ti
 bind = os.environ.get("LAYERLOCK_BIND", "127.0.0.1:8700")
 workers = int(os.environ.get("LAYERLOCK_WORKERS", str(min(8, 2 * (os.cpu_count() or 1)))))
 threads = int(os.environ.get("LAYERLOCK_THREADS", "4"))
-worker_class = "gthread"
+worker_class = "layerlock.license_server.gunicorn_conf.JsonErrorThreadWorker"
 timeout = 30
 graceful_timeout = 10
 keepalive = 5
@@ -60,18 +72,100 @@ class QuietAccessLogger(Logger):  # type: ignore[misc]
 
 
 logger_class = QuietAccessLogger
+
+
+class _Captured:
+    """Stands in for the client socket while gunicorn renders its error page, to learn the status."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+def _error_code(status: int) -> str:
+    """The code the app's own handler gives the same status (``app.py``: werkzeug's name)."""
+    if status == 500:
+        return "internal"
+    from werkzeug.exceptions import default_exceptions
+
+    exc = default_exceptions.get(status)
+    return exc().name.lower().replace(" ", "_") if exc is not None else "error"
+
+
+class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker; the replies gunicorn writes itself (414 request line too long,
+    431 headers too large, 400 malformed request, 500 before the app ran) are JSON like every
+    other error of the API.  gunicorn still classifies and logs the error: its HTML page is
+    rendered into a stand-in socket, and only the status line is kept from it."""
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        captured = _Captured()
+        super().handle_error(req, captured, addr, exc)
+        try:
+            _, code, reason = captured.data.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            status = int(code)
+        except ValueError:
+            status, reason = 500, "Internal Server Error"
+        detail = str(exc) if status < 500 or status == 501 else ""
+        body = json.dumps({"error": _error_code(status),
+                           "message": (detail or reason.lower())[:300]}).encode() + b"\n"
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        try:
+            util.write_nonblock(client, head + body)
+        except Exception:
+            self.log.debug("Failed to send error message.")
+
+
 limit_request_line = 4096
 limit_request_field_size = 8192
 proc_name = "layerlock-server"
 control_socket_disable = True  # gunicorn >= 24: no shared ~/.gunicorn socket between instances
 
 _embedded: Any = None
+_redis_gave_up: str | None = None
+
+
+def _give_up_on_redis(reason: str) -> None:
+    """Called by the embedded Redis watcher thread: stop gracefully (SIGTERM: workers first, then
+    ``on_exit``), which then exits with status 1 so that systemd restarts the whole service."""
+    global _redis_gave_up
+    _redis_gave_up = reason
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exposed(addresses: list[str]) -> list[str]:
+    """The bind addresses that are neither loopback nor a Unix socket / inherited fd."""
+    out = []
+    for address in addresses:
+        if address.startswith(("unix:", "fd://")):
+            continue
+        host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            out.append(address)
+    return out
 
 
 def on_starting(server: Any) -> None:
     global _embedded
     from layerlock.license_server.config import ServerConfig
 
+    exposed = _exposed(list(server.cfg.bind or []))
+    if exposed:
+        server.log.warning("gunicorn is bound to %s: do not expose it directly (slow clients hold its threads); "
+                           "put nginx in front (deploy/nginx-tls.conf) and bind to 127.0.0.1", ", ".join(exposed))
     cfg = ServerConfig.load()
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         prom = cfg.data_dir / "prometheus"
@@ -84,6 +178,7 @@ def on_starting(server: Any) -> None:
         _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
         os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()
         server.log.info("embedded redis-server started on %s", _embedded.socket)
+        _embedded.supervise(server.log, _give_up_on_redis)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -96,3 +191,6 @@ def on_exit(server: Any) -> None:
     if _embedded is not None:
         _embedded.stop()
         server.log.info("embedded redis-server stopped")
+    if _redis_gave_up is not None:
+        server.log.error("exiting with status 1: %s", _redis_gave_up)
+        raise SystemExit(1)

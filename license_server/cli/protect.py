@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from layerlock.shared.errors import ConfigError, InvalidInput, LayerlockError
 from layerlock.shared.keys import b64u_decode, ensure_private_dir, write_secret_file, x25519_public
 from layerlock.shared.lockfile import ProtectResult
-from layerlock.shared.protect import Outcome, protect_path
+from layerlock.shared.protect import Outcome, find_models, protect_path
 from layerlock.shared.selection import LockPolicy
 from layerlock.shared.wrap import seal_for_server
 
@@ -178,6 +178,8 @@ def protect(path: Path, out_dir: Path | None, model_id: str | None, layers: str 
     if register is not None and not api_key:
         raise click.UsageError("--register needs --api-key or LAYERLOCK_API_KEY")
     try:
+        if path.is_dir() and not find_models(path):  # before any key destination is created or contacted
+            raise InvalidInput(f"no model files (.safetensors, .pt, .pth, .onnx) under {path}")
         policy = (LockPolicy.parse_layers(layers, patterns) if layers is not None
                   else LockPolicy(patterns=tuple(patterns)))
         on_result, where = _sink(intake_key, register, api_key, data_key_out, path.is_dir(), name, model_version)
@@ -196,8 +198,6 @@ def protect(path: Path, out_dir: Path | None, model_id: str | None, layers: str 
     for o in outcomes:
         if o.status == "error":
             click.echo(f"error: {o.source}: {o.message}", err=True)
-    if not outcomes and not as_json:
-        click.echo(f"no model files (.safetensors, .pt, .pth, .onnx) under {path}", err=True)
     if any(o.status == "error" for o in outcomes):
         sys.exit(1)
 

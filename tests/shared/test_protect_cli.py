@@ -219,3 +219,16 @@ def test_unwritable_key_destination_leaves_no_outputs(small_model, tmp_path):
     r = run(str(small_model), "--data-key-out", str(tmp_path / "missing-dir" / "k"))
     assert r.exit_code == 1 and r.stderr.startswith("error:")
     assert not list(tmp_path.glob("small.*llk")) and not (tmp_path / "small.locked.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_directory_without_models_is_one_line_error_exit_1(tmp_path, extra):
+    root = tmp_path / "empty"
+    (root / "sub").mkdir(parents=True)
+    (root / "notes.txt").write_text("not a model")
+    (root / "a.locked.safetensors").write_bytes(b"our own output, not an input")
+    keys = tmp_path / "keys"
+    r = run(str(root), "--data-key-out", str(keys), *extra)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("error: no model files") and r.stderr.count("\n") == 1 and str(root) in r.stderr
+    assert r.stdout == "" and not keys.exists()
