@@ -8,6 +8,7 @@ directory, so a demo directory can be moved as a whole.
 
 from __future__ import annotations
 
+import grp
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from layerlock.shared.errors import ConfigError
 DEFAULT_CONFIG = "/etc/layerlock/verifier.toml"
 DEFAULT_STATE_DIR = "/var/lib/layerlock"
 DEFAULT_SOCKET = "/run/layerlock/verifier.sock"
+MAX_CONNECTIONS = 64  # concurrent socket connections, all peers together (PROTOCOL.md: `busy`)
+DEFAULT_MAX_CONNECTIONS_PER_UID = 16  # ... and per peer uid (PROTOCOL.md: `too_many_connections`)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Config:
     socket: Path = Path(DEFAULT_SOCKET)
     allowed_uids: frozenset[int] = field(default_factory=lambda: frozenset({os.getuid(), 0}))
     allowed_gids: frozenset[int] = frozenset()
+    socket_group: int | None = None  # gid the socket is chowned to (None: the daemon's own group)
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
     machine_id_file: Path | None = None
     request_timeout: float = 10.0
     leeway: int = 60
@@ -58,6 +63,8 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "socket": ((str,), "a string (socket path)"),
     "allowed_uids": ((list,), "a list of integers"),
     "allowed_gids": ((list,), "a list of integers"),
+    "socket_group": ((str, int), "a group name or a numeric gid"),
+    "max_connections_per_uid": ((int,), "an integer"),
     "machine_id_file": ((str,), "a string (file path)"),
     "request_timeout": ((int, float), "a number of seconds"),
     "leeway": ((int,), "an integer number of seconds"),
@@ -153,6 +160,25 @@ def _models(issues: _Issues, base: Path, raw: list[Any]) -> tuple[ModelConfig, .
     return tuple(out)
 
 
+def _group(issues: _Issues, value: str | int) -> int | None:
+    """The socket's group as a gid: a name must exist on this host; a number is taken as is
+    (a group shared with a container may have no name here)."""
+    if isinstance(value, int):
+        if value < 0:
+            issues.add("socket_group", f"must be a non-negative gid, got {value}")
+            return None
+        return value
+    if not value:
+        issues.add("socket_group", "must not be empty (leave it out to keep the daemon's own group)")
+        return None
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        hint = f" (a numeric gid is written without quotes: socket_group = {value})" if value.isdigit() else ""
+        issues.add("socket_group", f"group {value!r} does not exist on this host{hint}")
+        return None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Parse and validate; raise ConfigError listing every problem, one per line."""
     path = Path(path)
@@ -199,6 +225,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                 issues.add(key, f"must hold non-negative integers only, got {bad[0]!r}")
             else:
                 kwargs[key] = frozenset(typed[key])
+    if "socket_group" in typed:
+        gid = _group(issues, typed["socket_group"])
+        if gid is not None:
+            kwargs["socket_group"] = gid
+    if "max_connections_per_uid" in typed:
+        if not 1 <= typed["max_connections_per_uid"] <= MAX_CONNECTIONS:
+            issues.add("max_connections_per_uid",
+                       f"must be between 1 and {MAX_CONNECTIONS} (the sidecar's limit for all peers together)")
+        kwargs["max_connections_per_uid"] = typed["max_connections_per_uid"]
     for key in ("request_timeout", "retry_min", "retry_max", "client_timeout", "leeway"):
         if key in typed:
             if typed[key] < 0 or (typed[key] == 0 and key != "leeway"):

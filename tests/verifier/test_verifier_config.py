@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,20 @@ CASES = [
     ('server_url = "http://x"\nca_bundle = "/nope/ca.pem"\nmodels = []\n', "ca_bundle: file /nope/ca.pem"),
     ('server_url = "http://x"\n[[models]]\nid="bad id!"\nlocked="/l"\nbundle="/b"\n', "models[0].id: must be"),
     ('server_url = "http://x"\n[[models]]\nid="ok-prefix\\n"\nlocked="/l"\nbundle="/b"\n', "models[0].id: must be"),
+    ('server_url = "http://x"\nsocket_group = "no-such-group-llk"\nmodels = []\n',
+     "socket_group: group 'no-such-group-llk' does not exist on this host"),
+    ('server_url = "http://x"\nsocket_group = "99999"\nmodels = []\n',
+     "socket_group: group '99999' does not exist on this host (a numeric gid is written without quotes"),
+    ('server_url = "http://x"\nsocket_group = -1\nmodels = []\n', "socket_group: must be a non-negative gid"),
+    ('server_url = "http://x"\nsocket_group = ""\nmodels = []\n', "socket_group: must not be empty"),
+    ('server_url = "http://x"\nsocket_group = true\nmodels = []\n',
+     "socket_group: must be a group name or a numeric gid, got bool"),
+    ('server_url = "http://x"\nmax_connections_per_uid = 0\nmodels = []\n',
+     "max_connections_per_uid: must be between 1 and 64"),
+    ('server_url = "http://x"\nmax_connections_per_uid = 65\nmodels = []\n',
+     "max_connections_per_uid: must be between 1 and 64"),
+    ('server_url = "http://x"\nmax_connections_per_uid = 1.5\nmodels = []\n',
+     "max_connections_per_uid: must be an integer, got float"),
 ]
 
 
@@ -79,6 +94,28 @@ def test_bad_configs(tmp_path, text, expected):
     result = CliRunner().invoke(main, ["check", str(path)])
     assert result.exit_code == 1
     assert expected in result.output
+
+
+def test_socket_group_and_per_uid_limit_resolved(good):
+    import grp
+
+    name = grp.getgrgid(os.getgid()).gr_name
+    base = good.read_text()
+    assert load_config(good).socket_group is None and load_config(good).max_connections_per_uid == 16
+    good.write_text(f'socket_group = "{name}"\nmax_connections_per_uid = 3\n' + base)
+    cfg = load_config(good)
+    assert cfg.socket_group == os.getgid() and cfg.max_connections_per_uid == 3
+    good.write_text("socket_group = 4242\n" + base)  # a bare gid is taken as is (no name needed)
+    assert load_config(good).socket_group == 4242
+
+
+def test_check_refuses_unknown_socket_group(good):
+    """`layerlock-verifier check` (the unit's ExecStartPre) names the file, the key and the group."""
+    good.write_text('socket_group = "no-such-group-llk"\n' + good.read_text())
+    out = subprocess.run([sys.executable, "-m", "verifier", "check", str(good)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout
+    assert out.stderr == f"error: {good}: socket_group: group 'no-such-group-llk' does not exist on this host\n"
 
 
 def test_all_problems_reported_at_once(tmp_path):
@@ -118,10 +155,16 @@ def test_run_refuses_with_the_same_message(tmp_path):
 
 
 def test_shipped_example_config_is_valid(tmp_path, protected):
+    import grp
+
     example = (ROOT / "verifier" / "verifier.example.toml").read_text()
+    assert 'socket_group = "inference"' in example
+    group = grp.getgrgid(os.getgid())  # "inference" need not exist on the test host
     text = (example.replace("/opt/models/resnet.locked.safetensors", str(protected.locked))
-            .replace("/opt/models/resnet.llk", str(protected.bundle)).replace('"resnet-demo"', '"model-a"'))
+            .replace("/opt/models/resnet.llk", str(protected.bundle)).replace('"resnet-demo"', '"model-a"')
+            .replace('socket_group = "inference"', f'socket_group = "{group.gr_name}"'))
     path = tmp_path / "example.toml"
     path.write_text(text)
     cfg = load_config(path)
     assert cfg.allowed_uids == frozenset({0, 1000}) and cfg.socket.name == "verifier.sock"
+    assert cfg.socket_group == group.gr_gid and cfg.max_connections_per_uid == 16

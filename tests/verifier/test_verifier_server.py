@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -269,3 +275,202 @@ def test_onnx_session_through_the_socket(tmp_path):
         np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ w)
     finally:
         srv.stop()
+
+
+def test_socket_group_owns_the_socket(tmp_path):
+    srv, path = start(tmp_path, group=4242)
+    try:
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (os.geteuid(), 4242, 0o660)
+    finally:
+        srv.stop()
+
+
+# --- a real sidecar process (`layerlock-verifier run`), clients under other uids ---------------------
+# The sidecar runs as root without any capability when setpriv is there, as under the unit
+# (CapabilityBoundingSet= is empty): it can chown its socket only to a group it is a member of.
+# Its model is unlocked from a cached token (the license server address is unreachable).
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = 65534          # the peer's uid: never in allowed_uids below
+OTHER_GID = 4242        # a gid on no allow-list and not the socket's group
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to setuid a child")
+
+
+class Sidecar:
+    def __init__(self, tmp_path: Path, machine, protected, extra: str, groups: list[int]) -> None:
+        from verifier_helpers import write_config
+
+        self.dir = Path(tempfile.mkdtemp(prefix="llk-sock-"))  # pytest's tmp dirs are 0700
+        os.chmod(self.dir, 0o755)
+        self.socket = self.dir / "v.sock"
+        self.log = tmp_path / "sidecar.log"
+        self.want = hashlib.sha256(protected.original.read_bytes()).hexdigest()
+        machine.state.save_token(protected.model_id, machine.token(protected.model_id, ttl=600))
+        self.config = write_config(tmp_path / "v.toml", machine, [protected], socket=self.socket,
+                                   extra=extra + "\nclient_timeout = 30")
+        cmd = [sys.executable, "-m", "verifier", "run", "--config", str(self.config)]
+        if shutil.which("setpriv"):
+            cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all",
+                   f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups", "--", *cmd]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_unlocked(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if client.status(socket_path=self.socket)["models"][0]["state"] == "unlocked":
+                    return
+            except (SidecarUnavailable, SidecarRefused):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"sidecar not serving: {self.log.read_text()[-3000:]}")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def sidecar(tmp_path, machine, protected):
+    started: list[Sidecar] = []
+
+    def run(extra: str = "", groups: list[int] | None = None, wait: bool = True) -> Sidecar:
+        sc = Sidecar(tmp_path, machine, protected, extra, [] if groups is None else groups)
+        started.append(sc)
+        if wait:
+            sc.wait_unlocked()
+        return sc
+
+    yield run
+    for sc in started:
+        sc.stop()
+
+
+def _as_peer(socket_path: Path, *, uid: int, gid: int, groups: list[int], model: str = "model-a") -> dict:
+    """`get` the model from a forked child running as uid/gid with exactly these supplementary groups."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        result: dict = {"error": "unset"}
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            result = {"sha256": hashlib.sha256(client.load_bytes(model, socket_path=socket_path)).hexdigest()}
+        except SidecarRefused as exc:
+            result = {"refused": exc.code, "message": exc.message}
+        except SidecarUnavailable as exc:
+            result = {"unavailable": exc.message}
+        except BaseException as exc:  # noqa: BLE001
+            result = {"error": repr(exc)}
+        finally:
+            os.write(w, json.dumps(result).encode())
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks))
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return f'"{grp.getgrgid(gid).gr_name}"'  # by name when the host has one (nogroup, nobody)
+    except KeyError:
+        return str(gid)
+
+
+@needs_root
+def test_sidecar_serves_a_peer_allowed_only_by_gid(sidecar):
+    """allowed_gids works end to end: the socket is root:socket_group 0660, so a uid that is on no
+    allow-list but whose gid is reaches SO_PEERCRED and gets the model."""
+    sc = sidecar(f"socket_group = {_group_name(NOBODY)}\nallowed_uids = [0]\nallowed_gids = [{NOBODY}]",
+                 groups=[NOBODY])  # the unit's SupplementaryGroups=: lets the daemon chown without CAP_CHOWN
+    st = os.stat(sc.socket)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, NOBODY, 0o660)
+    assert _as_peer(sc.socket, uid=NOBODY, gid=NOBODY, groups=[]) == {"sha256": sc.want}
+    served = [e for e in sc.events() if e["event"] == "get_served"]
+    assert served and served[-1]["uid"] == NOBODY
+    # neither uid nor (effective) gid allowed, but a supplementary member of the socket's group:
+    # connect() works, and the allow-list answers with the documented refusal
+    refused = _as_peer(sc.socket, uid=NOBODY, gid=OTHER_GID, groups=[NOBODY])
+    assert refused["refused"] == "peer_not_allowed", refused
+    assert f"uid {NOBODY} / gid {OTHER_GID}" in refused["message"]
+    assert any(e["event"] == "peer_refused" and e["gid"] == OTHER_GID for e in sc.events())
+    # not in the socket's group at all: the socket's mode stops it at connect()
+    assert "Permission denied" in _as_peer(sc.socket, uid=NOBODY, gid=OTHER_GID, groups=[])["unavailable"]
+
+
+@needs_root
+def test_sidecar_without_the_socket_group_refuses_to_start(sidecar):
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) missing: root keeps CAP_CHOWN and the chown succeeds")
+    sc = sidecar(f"socket_group = {NOBODY}\nallowed_gids = [{NOBODY}]", groups=[], wait=False)
+    assert sc.proc.wait(60) == 1
+    out = sc.log.read_text()
+    assert (f"error: socket_group: cannot give {sc.socket} to gid {NOBODY} (Operation not permitted): the daemon "
+            "must be a member of that group (systemd: SupplementaryGroups=) or hold CAP_CHOWN") in out, out
+    assert not sc.socket.exists()
+
+
+def _status_ok(path: Path) -> bool:
+    try:
+        return client.status(socket_path=path)["ok"] is True
+    except SidecarRefused as exc:
+        assert exc.code == "too_many_connections"
+        return False
+
+
+@needs_root
+def test_sidecar_bounds_connections_per_uid(sidecar):
+    """One allowed uid holding 16 idle connections cannot starve the others: its 17th is refused
+    at once with a protocol frame, another uid is still served, and a closed one frees a slot."""
+    # uid 65534 reaches the root:root 0660 socket through its supplementary group 0
+    sc = sidecar(f"allowed_uids = [0, {NOBODY}]", groups=None)
+    held = []
+    for _ in range(16):
+        s = _raw(str(sc.socket))
+        protocol.send_frame(s, {"op": "list"})
+        assert protocol.recv_frame(s)["ok"] is True
+        held.append(s)  # ... and now idle
+    extra = _raw(str(sc.socket))
+    t0 = time.monotonic()
+    frame = protocol.recv_frame(extra)  # unasked: the refusal comes on accept
+    assert time.monotonic() - t0 < 2
+    assert frame["ok"] is False and frame["error"] == "too_many_connections", frame
+    assert "max_connections_per_uid" in frame["message"] and "uid 0 " in frame["message"]
+    assert _closed(extra)
+    extra.close()
+    with pytest.raises(SidecarRefused) as err:
+        client.load_bytes("model-a", socket_path=sc.socket)
+    assert err.value.code == "too_many_connections"
+    # a different uid is still served while uid 0 holds its 16
+    assert _as_peer(sc.socket, uid=NOBODY, gid=NOBODY, groups=[0]) == {"sha256": sc.want}
+    # the held connections still work, and closing one frees a slot for uid 0
+    protocol.send_frame(held[0], {"op": "status"})
+    assert protocol.recv_frame(held[0])["ok"] is True
+    held.pop().close()
+    deadline = time.monotonic() + 5
+    while not _status_ok(sc.socket):
+        assert time.monotonic() < deadline, "a closed connection did not free its slot"
+        time.sleep(0.05)
+    refusals = [e for e in sc.events() if e["event"] == "connection_refused"]
+    assert refusals and refusals[0]["reason"] == "too_many_connections" and refusals[0]["uid"] == 0
+    for s in held:
+        s.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,3 +140,24 @@ def test_unit_file_verifies():
     out = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "layerlock-verifier.service" not in out.stderr, out.stderr  # no warnings about our unit
+
+
+def test_unit_documents_socket_group_drop_in(tmp_path):
+    """The drop-in the unit's comments show for `socket_group` (SupplementaryGroups=, plus Group= and
+    RuntimeDirectoryMode=0750 to hide the directory) verifies cleanly on top of the unit."""
+    text = UNIT.read_text()
+    for needle in ("socket_group", "allowed_gids", "SupplementaryGroups=inference", "RuntimeDirectoryMode=0750",
+                   "Group=inference"):
+        assert needle in text, needle
+    shown = [line[4:] for line in text.splitlines() if re.match(r"#   \S", line)]  # the indented example
+    assert shown == ["[Service]", "SupplementaryGroups=inference"], shown
+    units = tmp_path / "units"
+    (units / f"{UNIT.name}.d").mkdir(parents=True)
+    shutil.copy(UNIT, units / UNIT.name)
+    (units / f"{UNIT.name}.d" / "group.conf").write_text(
+        "\n".join(shown + ["Group=inference", "RuntimeDirectoryMode=0750"]) + "\n")
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd (make test does)"
+    out = subprocess.run(["systemd-analyze", "verify", str(units / UNIT.name)], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert out.returncode == 0, out.stderr
+    assert UNIT.name not in out.stderr, out.stderr
