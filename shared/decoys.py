@@ -5,6 +5,13 @@ deviation, cast to its dtype.  Matching the statistics keeps the locked file pla
 all-zero layer that shouts "locked here", activations in a sane range) while the values carry
 no information beyond those two numbers per tensor.
 
+A constant tensor (an all-zeros bias, a LayerNorm weight of ones) has a standard deviation of
+0, so its statistics alone would reproduce it: its decoys get a small nonzero spread instead
+(:func:`decoy_params`).  Whatever the draw, a tensor whose decoy still equals it byte for byte
+is not reported as locked: :func:`write_decoys` changes one element of a non-empty one and
+returns the names of those left as they are (empty tensors), so the locked count is the number
+of tensors whose bytes differ in the locked file.
+
 The random stream is derived from the data key and the tensor name (HKDF-SHA256, then numpy's
 PCG64), so the same key reproduces the same locked file; the key cannot be recovered from the
 decoys since HKDF is one-way.
@@ -40,16 +47,51 @@ def decoy_rng(data_key: bytes, name: str) -> np.random.Generator:
 
 
 def write_decoys(view: memoryview, locked: list[TensorInfo], path: Path, key: bytes,
-                 bar: Progress | None = None) -> None:
-    """Overwrite each locked tensor's range of ``path`` (a copy of ``view``) with its decoys."""
+                 bar: Progress | None = None) -> list[str]:
+    """Overwrite each locked tensor's range of ``path`` (a copy of ``view``) with its decoys.
+
+    Returns the names of the tensors left byte for byte as they were: those are not locked.  Only
+    an empty tensor can be one; a non-empty tensor whose draw happened to reproduce it (a
+    one-element integer, say) gets its first element changed.
+    """
+    unchanged: list[str] = []
     with path.open("r+b") as out:
         for t in locked:
-            mean, std = tensor_stats(view[t.offset:t.offset + t.length], t.dtype)
+            original = view[t.offset:t.offset + t.length]
+            mean, std = decoy_params(*tensor_stats(original, t.dtype), t.dtype)
             out.seek(t.offset)
+            pos, same = 0, True
             for block in decoy_blocks(t, mean, std, decoy_rng(key, t.name)):
+                if same:  # stops comparing at the first block that differs (almost always the first)
+                    same = original[pos:pos + len(block)] == block
                 out.write(block)
+                pos += len(block)
+            if same and t.length:
+                first = bytes(original[:1])
+                out.seek(t.offset)
+                out.write(bytes([first[0] ^ 1]))  # lowest byte (little-endian): the value moves by one unit
+                same = False
+            if same:
+                unchanged.append(t.name)
             if bar is not None:
                 bar.update(t.length)
+    return unchanged
+
+
+def decoy_params(mean: float, std: float, dtype: str) -> tuple[float, float]:
+    """The mean and spread to draw a tensor's decoys with: its own, unless it is constant.
+
+    With ``std == 0`` the decoys would equal the tensor (an all-zeros bias stays all zeros: it
+    is not locked at all).  Such a tensor gets a small spread around its value: 10 % of it, at
+    least 0.02 (a typical initialisation scale) for floats and 1 for integers; a constant
+    boolean tensor gets fair coin flips.
+    """
+    if std > 0 and math.isfinite(std):
+        return mean, std
+    if dtype == "BOOL":
+        return 0.5, 0.5
+    floor = 0.02 if dtype in FLOAT_DTYPES else 1.0
+    return mean, max(floor, 0.1 * abs(mean)) if math.isfinite(mean) else floor
 
 
 def _values(block: memoryview, dtype: str) -> np.ndarray:

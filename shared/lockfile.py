@@ -92,6 +92,8 @@ class ProtectResult:
     locked_params: int
     total_params: int
     format: str
+    # Selected but byte for byte the same in the locked file (empty tensors): not counted as locked.
+    left_as_is: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -151,7 +153,7 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
         with plain.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
-                write_decoys(view, locked, tmp_locked, key, bar)
+                left_as_is = write_decoys(view, locked, tmp_locked, key, bar)
                 salt = secrets.token_bytes(SALT)
                 locked_digest, locked_mac, locked_size = _digest_file(tmp_locked, subkeys(key, salt)[2])
                 header = header_bytes(model_id, plain.format, locked_digest, locked_mac, locked_size,
@@ -176,10 +178,13 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
     finally:
         if bar is not None:
             bar.close()
+    same = set(left_as_is)
+    changed = [t for t in locked if t.name not in same]  # only what differs in the locked file counts
     return ProtectResult(model_id=model_id, source=src, locked_path=locked_path, bundle_path=bundle_path,
-                         data_key=key, locked_tensors=[t.name for t in locked],
-                         locked_params=sum(t.numel for t in locked),
-                         total_params=sum(t.numel for t in plain.tensors), format=plain.format)
+                         data_key=key, locked_tensors=[t.name for t in changed],
+                         locked_params=sum(t.numel for t in changed),
+                         total_params=sum(t.numel for t in plain.tensors), format=plain.format,
+                         left_as_is=left_as_is)
 
 
 class _Bar(Progress, Protocol):

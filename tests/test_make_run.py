@@ -23,6 +23,14 @@ LINE = re.compile(r"accuracy: unlocked=(?P<unlocked>[0-9.]+) original=(?P<origin
                   r"locked_file=(?P<locked>[0-9.]+)")
 
 
+def readme_locked_range() -> tuple[float, float]:
+    """The range of `locked_file` the README states for the demo model (it varies with the data key)."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r"protects of the demo model it scored ([0-9.]+)–([0-9.]+)", text)
+    assert m, "README no longer states the demo's locked_file range"
+    return float(m[1]), float(m[2])
+
+
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for pid in os.listdir("/proc"):
@@ -73,7 +81,8 @@ def test_make_run_end_to_end_and_clean_stop(tmp_path):
         unlocked, original, locked = (float(match[k]) for k in ("unlocked", "original", "locked"))
         assert original > 0.9
         assert unlocked == original  # bit-exact weights give exactly the same predictions
-        assert locked < 0.25  # near chance (0.10) for ten classes
+        low, high = readme_locked_range()
+        assert low <= locked <= high, f"locked_file={locked}; README says {low}–{high}"  # chance is 0.10
         assert wait_for(re.compile("Ctrl-C stops everything"), deadline), "".join(output[-20:])
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a person would press it
         proc.wait(timeout=60)

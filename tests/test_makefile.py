@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,3 +29,32 @@ def test_ruff_is_clean():
 def test_mypy_strict_on_shared_is_clean():
     done = subprocess.run([str(BIN / "mypy"), "-p", "layerlock.shared"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _plan(target: str, venv: Path) -> str:
+    done = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_install_is_a_stamp_prerequisite_so_a_second_run_skips_pip(tmp_path):
+    """`make run` installs once; after that (pyproject.toml unchanged) it goes straight to the demo."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)  # an existing venv: no `python -m venv` planned
+    first = _plan("run", venv)
+    assert "pip install" in first and "layerlock demo" in first  # never installed: install, then run
+    for target in ("run", "install", "install-test", "test"):
+        assert "pip install" in _plan(target, venv), target
+    stamps = re.findall(r"touch (\S+)", _plan("install-test", venv))
+    assert len(stamps) == 2 and all(Path(s).parent == venv for s in stamps), stamps
+    for stamp in stamps:  # what the recipes leave behind after a successful install
+        Path(stamp).touch()
+    for target in ("run", "install", "install-test", "test"):
+        plan = _plan(target, venv)
+        assert "pip install" not in plan, f"make -n {target} after an install:\n{plan}"
+    assert "layerlock demo" in _plan("run", venv)
+    old = (ROOT / "pyproject.toml").stat().st_mtime - 60
+    for stamp in stamps:  # pyproject.toml changed since: install again
+        os.utime(stamp, (old, old))
+    assert "pip install" in _plan("run", venv)

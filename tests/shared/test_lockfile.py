@@ -37,7 +37,8 @@ def test_round_trip_every_numpy_dtype_bit_exact(tmp_path):
     src = tmp_path / "dt.safetensors"
     stnp.save_file(all_dtypes(), src)
     res = protect_file(src, policy=ALL, chunk_size=64)
-    assert set(res.locked_tensors) == set(all_dtypes())
+    # An empty tensor has no bytes to replace: it is not counted as locked (test_honest_lock_count.py).
+    assert set(res.locked_tensors) == set(all_dtypes()) - {"empty.w"} and res.left_as_is == ["empty.w"]
     assert restore(res.locked_path, res.bundle_path, res.data_key) == src.read_bytes()
     locked = stnp.load_file(res.locked_path)
     for name, arr in all_dtypes().items():
