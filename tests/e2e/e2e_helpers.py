@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.conftest import wait_for  # noqa: F401 - re-exported: e2e tests import it from here
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -207,15 +209,6 @@ class Sidecar:
 
     def model_state(self, model: str = MODEL_ID) -> dict[str, Any]:
         return next(m for m in self.status()["models"] if m["model"] == model)
-
-
-def wait_for(pred, timeout: float = 20.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def public_dir() -> Path:

@@ -18,15 +18,7 @@ from layerlock.shared.tokens import jwks, sign_endorsement
 from layerlock.verifier.config import load_config
 from layerlock.verifier.daemon import Daemon
 from layerlock.verifier.errors import ModelUnavailable
-
-
-def wait_for(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
+from tests.conftest import wait_for
 
 
 @pytest.fixture()
@@ -35,8 +27,20 @@ def setup(tmp_path, machine, protected):
     return cfg, machine, protected
 
 
+_RUNNING: list[Daemon] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_daemons():
+    """Every daemon a test started is stopped after it, whatever the test did."""
+    yield
+    while _RUNNING:
+        _RUNNING.pop().stop()
+
+
 def start(cfg, machine, server, **kw):
     d = Daemon(cfg, machine.state, server, **kw)
+    _RUNNING.append(d)
     d.start()
     assert d.wait_settled(10)
     return d
@@ -66,26 +70,20 @@ def refusal(d, model_id="model-a") -> str:
 def test_unlock_and_cache(setup):
     cfg, machine, protected = setup
     d = start(cfg, machine, FakeServer(machine))
-    try:
-        assert read_model(d) == protected.original.read_bytes()
-        st = d.status()["models"][0]
-        assert st["state"] == "unlocked" and st["source"] == "server" and st["expires_at"] > time.time()
-        cached = machine.state.tokens / "model-a.jwt"
-        assert stat.S_IMODE(cached.stat().st_mode) == 0o600
-        assert refusal(d, "nope") == "unknown_model"
-    finally:
-        d.stop()
+    assert read_model(d) == protected.original.read_bytes()
+    st = d.status()["models"][0]
+    assert st["state"] == "unlocked" and st["source"] == "server" and st["expires_at"] > time.time()
+    cached = machine.state.tokens / "model-a.jwt"
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o600
+    assert refusal(d, "nope") == "unknown_model"
 
 
 def test_renews_at_rna(setup):
     cfg, machine, _ = setup
     server = FakeServer(machine, ttl=3)
     d = start(cfg, machine, server)
-    try:
-        assert wait_for(lambda: server.calls >= 3, timeout=8)
-        assert d.status()["models"][0]["state"] == "unlocked"
-    finally:
-        d.stop()
+    assert wait_for(lambda: server.calls >= 3, timeout=8)
+    assert d.status()["models"][0]["state"] == "unlocked"
 
 
 @pytest.mark.parametrize("reason", ["revoked", "expired", "no_license", "machine_inactive", "unknown_machine"])
@@ -93,46 +91,37 @@ def test_denial_drops_at_once(setup, reason):
     cfg, machine, _ = setup
     server = FakeServer(machine, ttl=3)
     d = start(cfg, machine, server)
-    try:
-        model = d.model("model-a")
-        server.mode = reason
-        renew_now(d)
-        assert wait_for(lambda: d.status()["models"][0]["state"] == "refused", timeout=5)
-        assert refusal(d) == reason
-        assert model.dropped
-        assert not (machine.state.tokens / "model-a.jwt").exists()
-    finally:
-        d.stop()
+    model = d.model("model-a")
+    server.mode = reason
+    renew_now(d)
+    assert wait_for(lambda: d.status()["models"][0]["state"] == "refused", timeout=5)
+    assert refusal(d) == reason
+    assert model.dropped
+    assert not (machine.state.tokens / "model-a.jwt").exists()
 
 
 def test_offline_serves_until_expiry_then_drops(setup):
     cfg, machine, _ = setup
     server = FakeServer(machine, ttl=3)
     d = start(cfg, machine, server)
-    try:
-        exp = d.status()["models"][0]["expires_at"]
-        server.mode = "down"
-        assert wait_for(lambda: time.time() >= exp - 0.3, timeout=5)
-        assert d.model("model-a")  # still serving inside the offline grace
-        assert wait_for(lambda: d.status()["models"][0]["state"] == "refused", timeout=5)
-        assert refusal(d) == "token_expired"
-        server.mode = "ok"  # the server comes back: the model heals
-        assert wait_for(lambda: d.status()["models"][0]["state"] == "unlocked", timeout=5)
-    finally:
-        d.stop()
+    exp = d.status()["models"][0]["expires_at"]
+    server.mode = "down"
+    assert wait_for(lambda: time.time() >= exp - 0.3, timeout=5)
+    assert d.model("model-a")  # still serving inside the offline grace
+    assert wait_for(lambda: d.status()["models"][0]["state"] == "refused", timeout=5)
+    assert refusal(d) == "token_expired"
+    server.mode = "ok"  # the server comes back: the model heals
+    assert wait_for(lambda: d.status()["models"][0]["state"] == "unlocked", timeout=5)
 
 
 def test_transient_denial_keeps_serving(setup):
     cfg, machine, _ = setup
     server = FakeServer(machine, ttl=30)
     d = start(cfg, machine, server)
-    try:
-        server.mode = "rate_limited"
-        renew_now(d)
-        assert wait_for(lambda: server.calls >= 2)
-        assert d.model("model-a")
-    finally:
-        d.stop()
+    server.mode = "rate_limited"
+    renew_now(d)
+    assert wait_for(lambda: server.calls >= 2)
+    assert d.model("model-a")
 
 
 def test_restart_offline_unlocks_from_cache(setup):
@@ -142,11 +131,8 @@ def test_restart_offline_unlocks_from_cache(setup):
     down = FakeServer(machine)
     down.mode = "down"
     d2 = start(cfg, machine, down)
-    try:
-        assert read_model(d2) == protected.original.read_bytes()
-        assert d2.status()["models"][0]["source"] == "cache"
-    finally:
-        d2.stop()
+    assert read_model(d2) == protected.original.read_bytes()
+    assert d2.status()["models"][0]["source"] == "cache"
 
 
 def test_offline_without_cache_stays_locked(setup):
@@ -154,12 +140,9 @@ def test_offline_without_cache_stays_locked(setup):
     down = FakeServer(machine)
     down.mode = "down"
     d = start(cfg, machine, down)
-    try:
-        st = d.status()["models"][0]
-        assert st["state"] == "locked" and st["reason"] == "server_unreachable"
-        assert refusal(d) == "server_unreachable"
-    finally:
-        d.stop()
+    st = d.status()["models"][0]
+    assert st["state"] == "locked" and st["reason"] == "server_unreachable"
+    assert refusal(d) == "server_unreachable"
 
 
 @pytest.mark.parametrize("kind, reason", [
@@ -180,13 +163,10 @@ def test_crafted_cached_tokens_unlock_nothing(setup, kind, reason):
     down = FakeServer(machine)
     down.mode = "down"
     d = start(cfg, machine, down, restorer=lambda *a: restored.append(a))
-    try:
-        st = d.status()["models"][0]
-        assert st["state"] == "refused" and st["reason"] == reason, st
-        assert restored == []
-        assert refusal(d) == reason
-    finally:
-        d.stop()
+    st = d.status()["models"][0]
+    assert st["state"] == "refused" and st["reason"] == reason, st
+    assert restored == []
+    assert refusal(d) == reason
 
 
 def test_copied_files_and_token_with_other_machine_keys_unlock_nothing(tmp_path, setup):
@@ -206,12 +186,9 @@ def test_copied_files_and_token_with_other_machine_keys_unlock_nothing(tmp_path,
     down = FakeServer(other)
     down.mode = "down"
     d2 = start(cfg2, other, down, restorer=lambda *a: restored.append(a))
-    try:
-        st = d2.status()["models"][0]
-        assert st["state"] == "refused" and st["reason"] == "bad_wrap", st
-        assert restored == []
-    finally:
-        d2.stop()
+    st = d2.status()["models"][0]
+    assert st["state"] == "refused" and st["reason"] == "bad_wrap", st
+    assert restored == []
 
 
 def test_state_dir_readable_by_others_refused(setup):
@@ -249,11 +226,8 @@ def test_two_models_one_refused(tmp_path, machine):
             return super().activate(m, model_id, keys)
 
     d = start(cfg, machine, Mixed(machine))
-    try:
-        states = {m["model"]: (m["state"], m.get("reason")) for m in d.status()["models"]}
-        assert states == {"model-a": ("unlocked", None), "model-b": ("refused", "no_license")}
-    finally:
-        d.stop()
+    states = {m["model"]: (m["state"], m.get("reason")) for m in d.status()["models"]}
+    assert states == {"model-a": ("unlocked", None), "model-b": ("refused", "no_license")}
 
 
 def test_pins_in_the_background_after_serving(setup, capsys):
@@ -261,15 +235,13 @@ def test_pins_in_the_background_after_serving(setup, capsys):
 
     cfg, machine, protected = setup
     d = start(cfg, machine, FakeServer(machine))
-    try:
-        # served at once; the mlock follows on its own thread and is logged
-        assert read_model(d) == protected.original.read_bytes()
-        assert wait_for(lambda: '"model_pinned"' in capsys.readouterr().out)
-        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        if os.geteuid() == 0 or soft == resource.RLIM_INFINITY:
-            assert d.model("model-a").locked_in_ram
-    finally:
-        d.stop()
+    # served at once; the mlock follows on its own thread and is logged
+    assert read_model(d) == protected.original.read_bytes()
+    assert wait_for(lambda: '"model_pinned"' in capsys.readouterr().out)
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if os.geteuid() == 0 or soft == resource.RLIM_INFINITY:
+        assert d.model("model-a").locked_in_ram
+    d.stop()
     assert not d.slots["model-a"].model
 
 
@@ -300,38 +272,32 @@ def test_rotated_signing_key_pinned_through_endorsement(setup, capsys):
     cfg, machine, _ = setup
     server = RotatingServer(machine)
     d = start(cfg, machine, server)
-    try:
-        before = server.calls
-        new_kid = server.rotate()
-        renew_now(d)
-        assert wait_for(lambda: d.slots["model-a"].renew_at > time.time() + 10 and server.calls > before)
-        assert d.status()["models"][0]["state"] == "unlocked"
-        assert new_kid in d.jwks and new_kid in machine.state.load_jwks()  # persisted like enroll does
-        assert server.fetches == 1
-        cached = (machine.state.tokens / "model-a.jwt").read_text()
-        assert jwt.get_unverified_header(cached)["kid"] == new_kid
-        events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-        ext = [e for e in events if e.get("event") == "jwks_extended"]
-        assert len(ext) == 1 and ext[0]["kids"] == [new_kid]
-    finally:
-        d.stop()
+    before = server.calls
+    new_kid = server.rotate()
+    renew_now(d)
+    assert wait_for(lambda: d.slots["model-a"].renew_at > time.time() + 10 and server.calls > before)
+    assert d.status()["models"][0]["state"] == "unlocked"
+    assert new_kid in d.jwks and new_kid in machine.state.load_jwks()  # persisted like enroll does
+    assert server.fetches == 1
+    cached = (machine.state.tokens / "model-a.jwt").read_text()
+    assert jwt.get_unverified_header(cached)["kid"] == new_kid
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    ext = [e for e in events if e.get("event") == "jwks_extended"]
+    assert len(ext) == 1 and ext[0]["kids"] == [new_kid]
 
 
 def test_unendorsed_key_not_trusted_and_fetch_rate_limited(setup):
     cfg, machine, _ = setup
     server = RotatingServer(machine)
     d = start(cfg, machine, server)
-    try:
-        pinned_file = machine.state.jwks_file.read_bytes()
-        new_kid = server.rotate(endorse=False)
-        for _ in range(3):
-            calls = server.calls
-            renew_now(d)
-            assert wait_for(lambda: server.calls > calls)  # noqa: B023
-        assert wait_for(lambda: d.slots["model-a"].failures >= 3)
-        assert new_kid not in d.jwks and new_kid not in machine.state.load_jwks()
-        assert machine.state.jwks_file.read_bytes() == pinned_file
-        assert server.fetches == 1  # at most once a minute, however often the token is refused
-        assert d.status()["models"][0]["state"] == "unlocked"  # still serving the old token until exp
-    finally:
-        d.stop()
+    pinned_file = machine.state.jwks_file.read_bytes()
+    new_kid = server.rotate(endorse=False)
+    for _ in range(3):
+        calls = server.calls
+        renew_now(d)
+        assert wait_for(lambda: server.calls > calls)  # noqa: B023
+    assert wait_for(lambda: d.slots["model-a"].failures >= 3)
+    assert new_kid not in d.jwks and new_kid not in machine.state.load_jwks()
+    assert machine.state.jwks_file.read_bytes() == pinned_file
+    assert server.fetches == 1  # at most once a minute, however often the token is refused
+    assert d.status()["models"][0]["state"] == "unlocked"  # still serving the old token until exp
