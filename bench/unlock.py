@@ -15,6 +15,10 @@ measures, side by side on the same warm page cache:
                       ``--repeat``, measured once the model is pinned)
 * ``handoff_touch_ms`` the same plus reading every byte once (sum of each tensor), against
                       ``plain_touch_ms``: a plain load plus the same sums
+* ``torch_ms``        client load_torch (private copy-on-write mapping of the memfd), against
+                      ``plain_torch_ms``: safetensors.torch.load_file of the original
+* ``numpy_copy_ms``   client load_numpy(copy=True) (arrays of the process's own), against
+                      ``plain_load_ms``
 * ``peak_rss_mb``     the sidecar's VmHWM once pinned
 
 Plain loads and sidecar starts alternate (plain, unlock, plain, unlock, ...), so a neighbour
@@ -24,7 +28,8 @@ plain load: a neighbour only ever adds time, so on a shared host that is the lea
 of the intrinsic cost.  The host's load average is printed first: on a busy host (load > 1.5 on
 2 cores) figures are noisy, run again later.
 
-Targets: unlock <= 1.3x plain load, client handoff <= 1.2x plain load, peak RSS <= 1.3x model size.
+Targets: unlock <= 1.3x plain load, client handoff <= 1.2x plain load (load_torch against a
+plain torch load, load_numpy(copy=True) against a plain numpy load), peak RSS <= 1.3x model size.
 
     python bench/unlock.py --size-mb 1024
 """
@@ -51,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file as torch_load_file  # noqa: E402
 
 from layerlock.shared.keys import b64u_decode, x25519_public  # noqa: E402
 from layerlock.shared.lockfile import protect  # noqa: E402
@@ -194,6 +200,17 @@ def one_round(original: Path, config: Path, sock: Path, log: Path, repeat: int) 
             for a in arrays.values():
                 a.sum()
 
+        def torch_handoff():
+            sd = client.load_torch("bench-model", socket_path=sock)
+            assert len(sd) == 32
+
+        def numpy_copy():
+            arrays = client.load_numpy("bench-model", socket_path=sock, copy=True)
+            assert len(arrays) == 32
+
+        row["torch_ms"] = best_of(torch_handoff, repeat)
+        row["plain_torch_ms"] = best_of(lambda: torch_load_file(str(original)), repeat)
+        row["numpy_copy_ms"] = best_of(numpy_copy, repeat)
         row["handoff_ms"] = best_of(handoff, repeat)
         row["handoff_touch_ms"] = best_of(handoff_touch, repeat)
         row["plain_touch_ms"] = best_of(lambda: [a.sum() for a in load_file(str(original)).values()], repeat)
@@ -300,6 +317,11 @@ def main() -> None:
             "handoff_touch_ms": round(m["handoff_touch_ms"], 1),
             "plain_touch_ms": round(m["plain_touch_ms"], 1),
             "handoff_touch_ratio": round(m["handoff_touch_ms"] / m["plain_touch_ms"], 3),
+            "torch_ms": round(m["torch_ms"], 1),
+            "plain_torch_ms": round(m["plain_torch_ms"], 1),
+            "torch_ratio": round(m["torch_ms"] / m["plain_torch_ms"], 3),
+            "numpy_copy_ms": round(m["numpy_copy_ms"], 1),
+            "numpy_copy_ratio": round(m["numpy_copy_ms"] / plain_ms, 3),
             "peak_rss_mb": round(peak_rss, 1),
             "rss_ratio": round(peak_rss / size_mb, 3),
             "bit_exact": int(check),
@@ -319,6 +341,10 @@ def main() -> None:
               "(target <= 1.2x)")
         print(f"  ... and reading every tensor once: {m['handoff_touch_ms']:.0f} ms vs "
               f"{m['plain_touch_ms']:.0f} ms plain+read")
+        print(f"client load_torch via socket: {m['torch_ms']:.1f} ms vs safetensors.torch.load_file "
+              f"{m['plain_torch_ms']:.0f} ms = {m['torch_ms'] / m['plain_torch_ms']:.3f}x (target <= 1.2x)")
+        print(f"client load_numpy(copy=True): {m['numpy_copy_ms']:.0f} ms = {m['numpy_copy_ms'] / plain_ms:.3f}x "
+              "plain (target <= 1.2x)")
         print(f"sidecar peak RSS: {peak_rss:.0f} MB = {peak_rss / size_mb:.2f}x model size (target <= 1.3x)")
         print("figures: " + " ".join(f"{k}={v}" for k, v in figures.items()))
     finally:

@@ -33,7 +33,8 @@ def predict(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         h = h @ weights[f"{name}.weight"].astype(np.float32).T + weights[f"{name}.bias"].astype(np.float32)
         if i < len(LAYERS) - 1:
             h = np.maximum(h, 0.0)
-    return np.argmax(h, axis=1)
+    out: np.ndarray = np.argmax(h, axis=1)
+    return out
 
 
 def accuracy(weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:

@@ -147,7 +147,7 @@ class KeyStore:
                      bootstrap_hash=boot_hash)
 
     @property
-    def keys(self) -> _Keys:
+    def current(self) -> _Keys:
         """Current keys, re-read (at most once a second) when a rotation touched the metadata."""
         now = time.monotonic()
         if now - self._checked > 1.0:
@@ -164,7 +164,7 @@ class KeyStore:
     # --- KEK -------------------------------------------------------------------------------
     def seal_data_key(self, data_key: bytes, model_id: str) -> tuple[str, str]:
         """AES-256-GCM under the current KEK, bound to the model id; returns (blob, kek_id)."""
-        k = self.keys
+        k = self.current
         nonce = os.urandom(12)
         ct = AESGCM(k.keks[k.kek_id]).encrypt(nonce, data_key, _KEK_AAD + model_id.encode())
         return b64u_encode(nonce + ct), k.kek_id
@@ -184,10 +184,10 @@ class KeyStore:
         return key
 
     def _open_data_key(self, blob: str, kek_id: str, model_id: str) -> bytes:
-        keks = self.keys.keks
+        keks = self.current.keks
         if kek_id not in keks:
             self.reload()
-            keks = self.keys.keks
+            keks = self.current.keks
         if kek_id not in keks:
             raise ConfigError(f"KEK {kek_id} is not in the key directory")
         raw = b64u_decode(blob, field="wrapped key")

@@ -87,4 +87,4 @@ class SuitePolicy:
             suite = DEFAULT_SUITE
         if not device.aes and suite == DEFAULT_SUITE:
             suite = CHACHA
-        return suite
+        return str(suite)

@@ -19,13 +19,13 @@ from layerlock.shared.errors import ConfigError
 
 #: The client as the rest of the code sees it.  ``Any`` on purpose: redis-py's annotations type every
 #: reply as ``bytes | str`` whatever ``decode_responses`` says, so precise types here would be wrong.
-Client: TypeAlias = Any
+RedisClient: TypeAlias = Any
 
 #: Anything that means "Redis is not reachable right now" (mapped to 503 by the error handler).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 
 
-def connect(url: str, timeout: float) -> Client:
+def connect(url: str, timeout: float) -> RedisClient:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://h:p[,h:p]/service``."""
     # One quick retry (covers a Sentinel failover or a dropped idle connection), then give up:
     # a request must not wait past a couple of seconds for a Redis that is down.
@@ -41,9 +41,10 @@ def connect(url: str, timeout: float) -> Client:
         if not service:
             raise ConfigError("redis+sentinel URL needs the service name as its path")
         query = parse_qs(parsed.query)
-        sentinel = Sentinel(hosts, socket_timeout=timeout, password=parsed.password,
+        sentinel = Sentinel(hosts, socket_timeout=timeout, password=parsed.password,  # type: ignore[no-untyped-call]
                             sentinel_kwargs={"socket_timeout": timeout})
-        return sentinel.master_for(service, db=int(query.get("db", ["0"])[0]), **opts)
+        return sentinel.master_for(service, db=int(query.get("db", ["0"])[0]),  # type: ignore[no-untyped-call]
+                                   **opts)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("LAYERLOCK_REDIS_URL must be redis://, rediss://, unix:// or redis+sentinel://")
     return redis.Redis.from_url(url, **opts)

@@ -29,13 +29,15 @@ from layerlock.shared.errors import (
     WrapError,
 )
 
-#: Activation denials: 401 when the request proved nothing, 409 for a replayed nonce, 429 for
-#: a flood, 503 when the server could not settle a racing change; every other reason is 403.
+#: Activation denials: 401 when the request proved nothing, 409 for a replayed nonce or a seat
+#: pool in use (retry later), 429 for a flood, 503 when the server could not settle a racing
+#: change; every other reason is 403.
 BY_DENIAL: dict[str, int] = {
     Denial.BAD_SIGNATURE: 401,
     Denial.NOT_ENROLLED: 401,
     Denial.STALE_REQUEST: 401,
     Denial.REPLAY: 409,
+    Denial.SEATS_EXHAUSTED: 409,
     Denial.RATE_LIMITED: 429,
     Denial.BUSY: 503,
 }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,19 +18,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from layerlock.shared.errors import InvalidInput, SignatureError
+from layerlock.shared.ids import check_model_id
 from layerlock.shared.keys import b64u_decode, b64u_encode
 from layerlock.shared.machine import normalize_code
 
 _DOMAIN = b"layerlock-activate-v1\0"
-MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NONCE_BYTES = 16
 FIELDS = ("machine", "model", "ts", "nonce", "sig")
-
-
-def check_model_id(value: Any, *, field: str = "model") -> str:
-    if not isinstance(value, str) or not MODEL_ID_RE.fullmatch(value):
-        raise InvalidInput(f"{field} must be 1-128 characters of letters, digits, '.', '_' or '-'")
-    return value
 
 
 @dataclass(frozen=True)

@@ -163,8 +163,9 @@ def parse_jwks(document: Mapping[str, Any]) -> dict[str, ed25519.Ed25519PublicKe
     return out
 
 
-def sign_token(claims: LicenseClaims, private_key: ed25519.Ed25519PrivateKey) -> str:
-    kid = jwk_thumbprint(private_key.public_key())
+def sign_token(claims: LicenseClaims, private_key: ed25519.Ed25519PrivateKey, *, kid: str | None = None) -> str:
+    """``kid``: the key's RFC 7638 thumbprint if the caller already knows it (the server does)."""
+    kid = kid or jwk_thumbprint(private_key.public_key())
     return jwt.encode(claims.to_dict(), private_key, algorithm="EdDSA", headers={"kid": kid, "typ": "JWT"})
 
 

@@ -8,6 +8,8 @@ Layout (directory 0700, every file 0600)::
     kex.mlkem768.seed     optional, 64-byte seed: the post-quantum half of the hybrid suite
     jwks.json             the server's signing keys, pinned at enrollment
     tokens/<model>.jwt    last good token per model: lets a restart unlock while offline
+    clock.json            the MAC'd high-water mark of time seen (``clock.py``: rollback detection)
+    requests/<model>.json the pending air-gapped request per model (``offline.py``): its nonce
 
 A cached token is useless without ``kex.x25519.pem`` (its ``wk`` is sealed to that key), which
 is why caching it on disk is acceptable.  Files anybody else can read are refused outright.
@@ -24,8 +26,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from layerlock.shared.activation import check_model_id
 from layerlock.shared.errors import ConfigError
+from layerlock.shared.ids import check_model_id
 from layerlock.shared.keys import (
     load_ed25519_private,
     load_mlkem768_private,
@@ -53,6 +55,8 @@ class StateDir:
         self.pq_key = self.path / "kex.mlkem768.seed"
         self.jwks_file = self.path / "jwks.json"
         self.tokens = self.path / "tokens"
+        self.clock_file = self.path / "clock.json"
+        self.requests = self.path / "requests"
 
     # --- permissions ---------------------------------------------------------------------------
     def create(self) -> None:
@@ -150,3 +154,34 @@ class StateDir:
 
     def delete_token(self, model_id: str) -> None:
         self._token_path(model_id).unlink(missing_ok=True)
+
+    def file_times(self) -> list[float]:
+        """Modification times of the state files: a clock that reads before them was set back."""
+        out = []
+        for path in [*self.path.iterdir(), *self._token_files()]:
+            try:
+                out.append(path.stat().st_mtime)
+            except OSError:
+                continue
+        return out
+
+    # --- pending air-gapped requests -----------------------------------------------------------
+    def _request_path(self, model_id: str) -> Path:
+        return self.requests / f"{check_model_id(model_id)}.json"
+
+    def save_request(self, model_id: str, doc: dict[str, Any]) -> None:
+        self.requests.mkdir(mode=0o700, exist_ok=True)
+        write_secret_file(self._request_path(model_id), json.dumps(doc).encode())
+
+    def load_request(self, model_id: str) -> dict[str, Any] | None:
+        path = self._request_path(model_id)
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(read_secret_file(path))
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def delete_request(self, model_id: str) -> None:
+        self._request_path(model_id).unlink(missing_ok=True)

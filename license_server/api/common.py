@@ -22,8 +22,6 @@ from layerlock.shared.errors import Forbidden, InvalidInput, PayloadTooLarge, Un
 from layerlock.shared.machine import normalize_code
 
 F = TypeVar("F", bound=Callable[..., Any])
-READERS = ("admin", "operator", "auditor")
-WRITERS = ("admin", "operator")
 #: Deepest JSON nesting a body may have (ours need 3); deeper is refused before ``json.loads``,
 #: whose recursion a few thousand brackets (well under the size cap) would exhaust.
 MAX_JSON_DEPTH = 32

@@ -32,7 +32,7 @@ def enroll() -> dict[str, Any]:
     ip = client_ip()
     try:
         enrollment = parse_code(doc["enrollment"])
-        return machines.public_view(claims.redeem(svc.audit, svc.redis, secret, enrollment, now=now(), ip=ip))
+        return machines.public_view(claims.redeem(svc.commits, secret, enrollment, now=now(), ip=ip))
     except (ClaimRefused, LayerlockError) as exc:
         if isinstance(exc, ClaimRefused) and exc.code != "bad_claim":
             raise  # a real claim, refused and audited by redeem()

@@ -13,8 +13,6 @@ from typing import Any
 from flask import Blueprint, g, request
 
 from layerlock.license_server.api.common import (
-    READERS,
-    WRITERS,
     body,
     integer,
     labels,
@@ -24,6 +22,7 @@ from layerlock.license_server.api.common import (
     string,
 )
 from layerlock.license_server.app import services
+from layerlock.license_server.roles import READERS, WRITERS
 from layerlock.license_server.store import claims, dumps, machines, page
 from layerlock.shared.enrollment import parse_code
 from layerlock.shared.errors import Conflict, InvalidInput
@@ -47,7 +46,7 @@ def register() -> tuple[dict[str, Any], int]:
     if enrollment is not None and enrollment.machine != code:
         raise InvalidInput("the enrollment code belongs to another machine code")
     rec = machines.record(code, string(doc, "customer", ""), labels(doc.get("labels", {})), enrollment)
-    machines.create(services().audit, rec, actor=g.actor, machine=code, customer=rec["customer"],
+    machines.create(services().commits, rec, actor=g.actor, machine=code, customer=rec["customer"],
                     enrolled=enrollment is not None)
     return machines.public_view(rec), 201
 
@@ -91,7 +90,7 @@ def update(code: str) -> dict[str, Any]:
         fields["customer"] = string(doc, "customer")
     if not fields:
         raise InvalidInput("nothing to update: give labels and/or customer")
-    rec = machines.update(services().audit, code, lambda _: fields, "machine_updated", actor=g.actor,
+    rec = machines.update(services().commits, code, lambda _: fields, "machine_updated", actor=g.actor,
                           machine=code, fields=sorted(fields))
     return machines.public_view(rec)
 
@@ -105,7 +104,7 @@ def _set_status(code: str, status: str, event: str) -> dict[str, Any]:
             raise Conflict(f"machine {code} is already {status}")
         return {"status": status}
 
-    rec = machines.update(services().audit, code, change, event, actor=g.actor, machine=code)
+    rec = machines.update(services().commits, code, change, event, actor=g.actor, machine=code)
     return machines.public_view(rec)
 
 
@@ -128,5 +127,5 @@ def create_claim(code: str) -> tuple[dict[str, Any], int]:
     doc = body({"ttl"})
     svc = services()
     ttl = integer(doc.get("ttl", svc.config.default_claim_ttl), "ttl", lo=svc.config.min_lifetime, hi=MAX_CLAIM_TTL)
-    return claims.create(svc.audit, svc.redis, code, ttl, actor=g.actor), 201
+    return claims.create(svc.commits, code, ttl, actor=g.actor), 201
 

@@ -29,7 +29,7 @@ def readyz() -> dict[str, Any]:
         svc.ensure_bootstrap()
     except REDIS_DOWN:
         raise Unavailable("redis is unreachable") from None
-    return {"status": "ready", "kid": svc.keys.keys.kid}
+    return {"status": "ready", "kid": svc.keys.current.kid}
 
 
 @bp.get("/v1/ping")
@@ -39,7 +39,7 @@ def ping() -> dict[str, bool]:
 
 @bp.get("/.well-known/jwks.json")
 def jwks_document() -> Response:
-    keys = services().keys.keys
+    keys = services().keys.current
     resp = Response(_json(jwks(list(keys.published), keys.endorsements)), mimetype="application/json")
     resp.headers["Cache-Control"] = "public, max-age=300"
     return resp

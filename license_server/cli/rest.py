@@ -19,7 +19,7 @@ import requests
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 
 
-class Client:
+class ApiClient:
     def __init__(self, server: str, api_key: str | None, timeout: float = 15.0) -> None:
         self.server = server.rstrip("/")
         self.api_key = api_key
@@ -69,7 +69,7 @@ def rest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                   help="License server URL (env LAYERLOCK_SERVER).")
     @wraps(fn)
     def wrapper(server: str, api_key: str | None, as_json: bool, **kwargs: Any) -> Any:
-        return fn(client=Client(server, api_key), as_json=as_json, **kwargs)
+        return fn(client=ApiClient(server, api_key), as_json=as_json, **kwargs)
     return wrapper
 
 

@@ -23,9 +23,8 @@ import hashlib
 import secrets
 from typing import Any
 
-from layerlock.license_server.redis_conn import Client
 from layerlock.license_server.store import P, machines, new_id, now_ms
-from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
+from layerlock.license_server.store.commit import Change, Commits, until_committed
 from layerlock.shared.enrollment import Enrollment
 from layerlock.shared.errors import ClaimRefused, Conflict, NotFound
 
@@ -47,15 +46,16 @@ def key(secret_digest: str) -> str:
     return f"{P}claim:{secret_digest}"
 
 
-def create(audit: AuditLog, r: Client, code: str, ttl: int, *, actor: str) -> dict[str, Any]:
+def create(commits: Commits, code: str, ttl: int, *, actor: str) -> dict[str, Any]:
     """A fresh claim for a registered, active machine that has no key yet.
 
     Returns the secret (the only time it exists outside the host and the operator's screen)
     with its id and expiry.  A newer claim supersedes an older open one for the same machine.
     """
     mkey = machines.key(code)
-    for _ in range(20):
-        rec = r.hgetall(mkey)
+
+    def attempt() -> dict[str, Any]:
+        rec = commits.r.hgetall(mkey)
         if not rec:
             raise NotFound(f"machine {code} is not registered")
         if "sig_pub" in rec:
@@ -71,16 +71,14 @@ def create(audit: AuditLog, r: Client, code: str, ttl: int, *, actor: str) -> di
                                "created_at": str(created), "expires_at": str(expires), "created_by": actor})
                   .write("EXPIREAT", ckey, expires + KEEP_AFTER_EXPIRY_S)
                   .hset(mkey, {"claim_id": claim_id, "claim_expires_at": str(expires)}))
-        try:
-            audit.commit("claim_created", change, actor=actor, machine=code, claim=claim_id, expires_at=expires,
-                         superseded=rec.get("claim_id"))
-        except GuardFailed:
-            continue
+        commits.commit("claim_created", change, actor=actor, machine=code, claim=claim_id, expires_at=expires,
+                       superseded=rec.get("claim_id"))
         return {"machine": code, "claim": secret, "claim_id": claim_id, "expires_at": expires}
-    raise Conflict(f"machine {code} is being changed by too many clients at once; retry")
+
+    return until_committed(attempt, what=f"machine {code}")
 
 
-def redeem(audit: AuditLog, r: Client, secret: str, enrollment: Enrollment, *, now: int, ip: str) -> dict[str, str]:
+def redeem(commits: Commits, secret: str, enrollment: Enrollment, *, now: int, ip: str) -> dict[str, str]:
     """Bind ``enrollment``'s keys to its machine if ``secret`` is that machine's open claim.
 
     The enrollment code's self-signature (checked by the caller when parsing it) proves the
@@ -88,8 +86,9 @@ def redeem(audit: AuditLog, r: Client, secret: str, enrollment: Enrollment, *, n
     """
     ckey = key(digest(secret))
     mkey = machines.key(enrollment.machine)
-    for _ in range(20):
-        with r.pipeline(transaction=False) as pipe:
+
+    def attempt() -> dict[str, str]:
+        with commits.r.pipeline(transaction=False) as pipe:
             pipe.hgetall(ckey)
             pipe.hgetall(mkey)
             claim, mrec = pipe.execute()
@@ -97,18 +96,16 @@ def redeem(audit: AuditLog, r: Client, secret: str, enrollment: Enrollment, *, n
             raise ClaimRefused("bad_claim", "unknown claim secret (mistyped, or never issued)")
         reason = _refusal(claim, mrec, enrollment.machine, now)
         if reason is not None:
-            audit.append("claim_refused", machine=claim["machine"], claim=claim["claim_id"], reason=reason[0], ip=ip)
+            commits.append("claim_refused", machine=claim["machine"], claim=claim["claim_id"], reason=reason[0], ip=ip)
             raise ClaimRefused(*reason)
         change = (Change().same_hash(ckey, claim).same_hash(mkey, mrec)
                   .hset(ckey, {"status": "used", "used_at": str(now)})
                   .hset(mkey, machines.enrollment_fields(enrollment)))
-        try:
-            audit.commit("machine_enrolled", change, machine=enrollment.machine, claim=claim["claim_id"],
-                         via="claim", ip=ip)
-        except GuardFailed:
-            continue
+        commits.commit("machine_enrolled", change, machine=enrollment.machine, claim=claim["claim_id"], via="claim",
+                       ip=ip)
         return {**mrec, **machines.enrollment_fields(enrollment)}
-    raise Conflict("the machine is being changed by too many clients at once; retry")
+
+    return until_committed(attempt, what=f"machine {enrollment.machine}")
 
 
 def _refusal(claim: dict[str, str], mrec: dict[str, str], machine: str, now: int) -> tuple[str, str] | None:

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.redis_conn import RedisClient
 from layerlock.license_server.store import P, dumps, now_ms
-from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
+from layerlock.license_server.store.commit import Commits
 from layerlock.shared.enrollment import DeviceClass, Enrollment
-from layerlock.shared.errors import Conflict, NotFound
+from layerlock.shared.errors import NotFound
 from layerlock.shared.keys import b64u_encode
 
 ALL = P + "machines"
@@ -39,30 +39,26 @@ def enrollment_fields(e: Enrollment) -> dict[str, str]:
     return out
 
 
-def create(audit: AuditLog, rec: dict[str, str], *, actor: str, **event: Any) -> None:
+def create(commits: Commits, rec: dict[str, str], *, actor: str, **event: Any) -> None:
     """Register atomically with its ``machine_registered`` record; a code registered twice is a
     Conflict (no silent key replacement)."""
-    k = key(rec["code"])
-    change = Change().guard("absent", k).hset(k, rec).write("ZADD", ALL, rec["created_at"], rec["code"])
-    try:
-        audit.commit("machine_registered", change, actor=actor, **event)
-    except GuardFailed:
-        raise Conflict(f"machine {rec['code']} is already registered") from None
+    commits.insert("machine_registered", key(rec["code"]), rec, index=(ALL, rec["created_at"], rec["code"]),
+                   exists=f"machine {rec['code']} is already registered", actor=actor, **event)
 
 
-def get(r: Client, code: str) -> dict[str, str]:
-    rec = r.hgetall(key(code))
+def get(r: RedisClient, code: str) -> dict[str, str]:
+    rec: dict[str, str] = r.hgetall(key(code))
     if not rec:
         raise NotFound(f"machine {code} is not registered")
     return rec
 
 
-def update(audit: AuditLog, code: str, change: Callable[[dict[str, str]], dict[str, str]], type_: str, *,
+def update(commits: Commits, code: str, change: Callable[[dict[str, str]], dict[str, str]], type_: str, *,
            actor: str, **event: Any) -> dict[str, str]:
     """Read, compute ``change(rec) -> fields``, write them with the audit record if the machine
     is still as read (else again); returns the updated record."""
     k = key(code)
-    _, after = audit.update_hash(k, change, lambda _before, _after: (type_, event),
+    _, after = commits.update_hash(k, change, lambda _before, _after: (type_, event),
                                  guard=lambda txn, before: txn.same_hash(k, before), actor=actor,
                                  missing=f"machine {code} is not registered", what="machine")
     return after

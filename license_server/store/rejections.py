@@ -16,17 +16,19 @@ Such rejections are instead:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from typing import Any
 
 from layerlock.license_server import metrics
-from layerlock.license_server.redis_conn import Client
+from layerlock.license_server.redis_conn import RedisClient
 from layerlock.license_server.store import P
 
 KEEP_HOURS = 8 * 24
 
 
+@functools.lru_cache(maxsize=4096)
 def source(ip: str) -> str:
     """The unit a failure budget is kept for: the IPv4 address, or the IPv6 /64 (one host
     usually owns a whole /64, so per-address budgets would be free to dodge)."""
@@ -49,7 +51,7 @@ def hour_key(now: float | None = None) -> str:
     return f"{P}rejects:{time.strftime('%Y%m%d%H', time.gmtime(now or time.time()))}"
 
 
-def record(r: Client, ip: str, reason: str) -> None:
+def record(r: RedisClient, ip: str, reason: str) -> None:
     """Count one unauthenticated rejection: one pipelined round trip, fixed-size keys."""
     fk, hk = failure_key(ip), hour_key()
     with r.pipeline(transaction=False) as pipe:
@@ -66,7 +68,7 @@ def count_only(reason: str) -> None:
     metrics.REJECTED.labels(reason=reason).inc()
 
 
-def summary(r: Client, hours: int, now: float | None = None) -> dict[str, Any]:
+def summary(r: RedisClient, hours: int, now: float | None = None) -> dict[str, Any]:
     """Per-hour counts by reason for the last ``hours`` hours, newest first, and the totals."""
     t = now or time.time()
     stamps = [t - 3600 * i for i in range(hours)]

@@ -8,6 +8,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
@@ -267,10 +268,11 @@ def test_a_change_computed_from_a_stale_read_is_recomputed_not_applied(redis_ser
     """A concurrent writer slips in between the read and the commit: the guard catches it, nothing
     is written, and the change is recomputed from fresh data (licenses, machines, models)."""
     from layerlock.license_server.store import licenses, machines, models
-    from layerlock.license_server.store.audit import AuditLog, Change, GuardFailed
+    from layerlock.license_server.store.audit import AuditLog
+    from layerlock.license_server.store.commit import Change, Commits, GuardFailed
 
     r = redis_server.client()
-    audit = AuditLog(r)
+    audit = Commits(r)
     rec = licenses.record("M", "mdl", "acme", 0, 2_000_000_000, 60, 60)
     licenses.create(audit, rec, actor="t", license=rec["license_id"])
     k = licenses.key(rec["license_id"])
@@ -306,8 +308,21 @@ def test_a_change_computed_from_a_stale_read_is_recomputed_not_applied(redis_ser
     assert flips == ["acme", "other"]
 
     models.create(audit, models.record("mdl", "n", "1", "blob", "kek-1"), actor="t", model="mdl")
-    assert models.rewrap(audit, "mdl", {"wrapped_key": "stale"}, "new", "kek-2", actor="t") is False
-    assert r.hget(models.key("mdl"), "wrapped_key") == "blob"
+
+    class Keys:  # stands in for the KeyStore: the re-wrap's retry, not its crypto, is under test
+        opened: list[str] = []
+
+        def open_data_key(self, blob, kek_id, model_id):
+            self.opened.append(blob)
+            if len(self.opened) == 1:  # another rotation re-wraps it between our read and our commit
+                r.hset(models.key("mdl"), mapping={"wrapped_key": "blob2", "kek_id": "kek-9"})
+            return b"k"
+
+        def seal_data_key(self, key, model_id):
+            return "new", "kek-2"
+
+    models.rewrap(audit, Keys(), "mdl", kek_id="kek-2", actor="t")
+    assert Keys.opened == ["blob", "blob2"] and r.hget(models.key("mdl"), "wrapped_key") == "new"
     n1 = r.xlen(STREAM)
     try:
         audit.commit("x", Change().guard("absent", machines.key("M")).hset(machines.key("M"), {"customer": "evil"}))
@@ -316,4 +331,18 @@ def test_a_change_computed_from_a_stale_read_is_recomputed_not_applied(redis_ser
     else:
         raise AssertionError("guard did not hold")
     assert r.xlen(STREAM) == n1 and r.hget(machines.key("M"), "customer") == "other"
-    assert audit.verify()["ok"] is True
+    assert AuditLog(r).verify()["ok"] is True
+
+
+def test_secret_looking_fields_never_reach_an_audit_record(redis_server):
+    """The write path refuses a record naming a token, wk, key or signature, before any write."""
+    from layerlock.license_server.store.commit import Commits, SecretInRecord
+
+    r = redis_server.client()
+    commits = Commits(r)
+    for field in ("token", "wk", "api_key", "key", "sealed_key", "data_key", "sig", "claim_secret"):
+        with pytest.raises(SecretInRecord):
+            commits.append("x", **{field: "v"})
+    assert r.xlen(STREAM) == 0 and r.get("ll:audit:head") is None
+    commits.append("x", machine="M")
+    assert r.xlen(STREAM) == 1

@@ -82,10 +82,39 @@ def test_numpy_views_are_read_only(server):
         arrays["w"][0, 0] = 1
 
 
-def test_load_torch(server):
+@pytest.mark.parametrize("transfer", ["fd", "stream"])
+def test_load_torch(server, transfer):
+    import torch
+    sd = client.load_torch("m", socket_path=server, transfer=transfer)
+    assert set(sd) == set(TENSORS)
+    for name, arr in TENSORS.items():
+        assert torch.equal(sd[name], torch.from_numpy(arr)) and sd[name].dtype == torch.from_numpy(arr).dtype
+
+
+def test_load_torch_is_a_writable_copy_on_write_view_of_the_memfd(server):
+    """No copy up front (the tensors view one private mapping), yet writable like any state dict;
+    a write stays in this process: the sidecar's pages, and the next client's tensors, keep the
+    original values."""
     import torch
     sd = client.load_torch("m", socket_path=server)
+    w, b = sd["w"], sd["b"]
+    base = b.untyped_storage().data_ptr()
+    assert 0 < w.data_ptr() - base < 4096 or 0 < base - w.data_ptr() < 4096  # both inside one small mapping
+    w.add_(1)  # writable, no warning
+    assert torch.equal(w, torch.from_numpy(TENSORS["w"]) + 1)
+    again = client.load_torch("m", socket_path=server)
+    assert torch.equal(again["w"], torch.from_numpy(TENSORS["w"]))
+    assert client.load_bytes("m", socket_path=server) == save(TENSORS)
+
+
+def test_load_torch_onto_a_device_and_numpy_copies(server):
+    import torch
+    sd = client.load_torch("m", socket_path=server, device="cpu")
     assert torch.equal(sd["w"], torch.from_numpy(TENSORS["w"]))
+    arrays = client.load_numpy("m", socket_path=server, copy=True)
+    assert arrays["w"].flags.writeable and arrays["w"].flags.owndata
+    arrays["w"][0, 0] = 42
+    np.testing.assert_array_equal(client.load_numpy("m", socket_path=server)["w"], TENSORS["w"])
 
 
 def test_list_and_status(server):

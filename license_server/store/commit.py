@@ -1,0 +1,261 @@
+"""The write path for all state: read, decide, commit — atomically with one audit record.
+
+Every state change (a registration, issuance, revocation, extension, claim, activation) is a
+:class:`Change` — guards, writes, optionally a nonce to burn — committed by one Lua script
+(:data:`_COMMIT`) together with the audit record that describes it, so both happen or neither
+does, whatever crashes when.  When the record stands for a webhook event somebody subscribed
+to, the same script queues its id for delivery (:mod:`~layerlock.license_server.store.outbox`):
+an event exists if and only if its record does, and nothing is sent while a request waits.
+
+Two kinds of retry, each with a named limit:
+
+* **The chain head moved** (another worker appended between our read of the head and our
+  commit): Redis's Lua has no SHA-256, so the record is hashed in Python and the script moves
+  the head only if it is still the one the record points at; the loser gets the current head
+  back and simply re-hashes (:data:`MAX_HEAD_RACES`).  The decision stands.
+* **What the decision was based on changed** (a guard failed): the caller reads and decides
+  again (:func:`until_committed`, :data:`MAX_DECISIONS`) — optimistic concurrency without WATCH,
+  so every outcome is one of the serial orders.
+
+Running out of either is a :class:`~layerlock.shared.errors.Conflict` the caller may retry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from layerlock.license_server.redis_conn import RedisClient
+from layerlock.license_server.store import dumps, outbox
+from layerlock.license_server.store.audit import GENESIS, HEAD, STREAM, digest
+from layerlock.shared.errors import Conflict, LayerlockError, NotFound
+
+T = TypeVar("T")
+#: Re-hashes of one record when other appends keep moving the chain head.
+MAX_HEAD_RACES = 100
+#: Fresh decisions of one read-decide-commit loop when what it read keeps changing.
+MAX_DECISIONS = 50
+SECRET_FIELDS = frozenset({"token", "wk", "api_key", "key", "sealed_key", "data_key", "sig", "claim_secret"})
+
+# KEYS: stream, head, then the state keys the program names by index (3, 4, ...).
+# ARGV: genesis, expected head, record, its hash, program (JSON), webhook outbox ('' = the record
+# is no event), then the subscription sets of its events (store/outbox.py): the record's id is
+# queued only if one of them is non-empty (somebody listens).
+# Program: {"g": guards, "w": writes, "n": [nonce key index, ttl]} (each part optional).
+#   guard [op, key, field, value, extra]: "absent"/"present" (the key), "eq" (HGET == value),
+#   "nofield" (HEXISTS == 0), "hlen" (HLEN == value); on a seat zset (store/seats.py):
+#   "seat" (member field holds a live seat, score >= extra = now, or fewer than value members
+#   are live: ZCOUNT now +inf < value), "zscore_le" (member field's score <= value: a lapsed
+#   lease), "zmember" (member field is in the zset); the first failing one returns {-1, index}
+#   and nothing is written.
+#   "n": SET key 1 NX EX ttl; if the nonce was already there, nothing is written ({2, 0}).
+#   write [command, key, args...]: redis.call(command, KEYS[key], args...).
+# Returns {1, id} when committed, or {0, current head} so a loser retries without a round trip.
+_COMMIT = """
+local head = redis.call('GET', KEYS[2]) or ARGV[1]
+if head ~= ARGV[2] then return {0, head} end
+local prog = cjson.decode(ARGV[5])
+for i, g in ipairs(prog.g or {}) do
+  local op, k = g[1], KEYS[g[2]]
+  local ok
+  if op == 'absent' then ok = redis.call('EXISTS', k) == 0
+  elseif op == 'present' then ok = redis.call('EXISTS', k) == 1
+  elseif op == 'eq' then ok = redis.call('HGET', k, g[3]) == g[4]
+  elseif op == 'nofield' then ok = redis.call('HEXISTS', k, g[3]) == 0
+  elseif op == 'hlen' then ok = redis.call('HLEN', k) == tonumber(g[4])
+  elseif op == 'seat' then
+    local s = redis.call('ZSCORE', k, g[3])
+    ok = (s and tonumber(s) >= tonumber(g[5])) or redis.call('ZCOUNT', k, g[5], '+inf') < tonumber(g[4])
+  elseif op == 'zscore_le' then
+    local s = redis.call('ZSCORE', k, g[3])
+    ok = s ~= false and tonumber(s) <= tonumber(g[4])
+  elseif op == 'zmember' then ok = redis.call('ZSCORE', k, g[3]) ~= false
+  else return redis.error_reply('unknown guard ' .. tostring(op)) end
+  if not ok then return {-1, i} end
+end
+local n = prog.n
+if n and not redis.call('SET', KEYS[n[1]], '1', 'NX', 'EX', n[2]) then return {2, 0} end
+for _, w in ipairs(prog.w or {}) do
+  local args = {}
+  for j = 3, #w do args[#args + 1] = w[j] end
+  redis.call(w[1], KEYS[w[2]], unpack(args))
+end
+local id = redis.call('XADD', KEYS[1], '*', 'rec', ARGV[3], 'h', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[4])
+if ARGV[6] and ARGV[6] ~= '' then
+  for i = 7, #ARGV do
+    if redis.call('SCARD', ARGV[i]) > 0 then redis.call('LPUSH', ARGV[6], id); break end
+  end
+end
+return {1, id}
+"""
+
+
+class SecretInRecord(LayerlockError):
+    """A caller tried to audit a secret-looking field: a bug, refused before anything is written."""
+
+    code = "internal"
+
+
+class GuardFailed(Exception):
+    """A :class:`Change` guard did not hold at commit time; ``index`` says which (0-based)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"guard {index} failed")
+        self.index = index
+
+
+class Replayed(Exception):
+    """The change's nonce had been seen: nothing was written (the caller audits the replay)."""
+
+
+class Change:
+    """State writes committed atomically with one audit record, under guards (see :data:`_COMMIT`)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self._index: dict[str, int] = {}
+        self.guards: list[list[Any]] = []
+        self.writes: list[list[Any]] = []
+        self.nonce: list[Any] | None = None
+
+    def _k(self, key: str) -> int:
+        if key not in self._index:
+            self.keys.append(key)
+            self._index[key] = len(self.keys) + 2  # after the stream and the head
+        return self._index[key]
+
+    def guard(self, op: str, key: str, field: str = "", value: str = "", extra: str | None = None) -> Change:
+        self.guards.append([op, self._k(key), field, value] + ([] if extra is None else [extra]))
+        return self
+
+    def same_hash(self, key: str, snapshot: dict[str, str]) -> Change:
+        """Guard: the hash still is exactly ``snapshot`` (same fields, same values)."""
+        self.guard("hlen", key, "", str(len(snapshot)))
+        for f, v in snapshot.items():
+            self.guard("eq", key, f, v)
+        return self
+
+    def write(self, command: str, key: str, *args: Any) -> Change:
+        self.writes.append([command, self._k(key), *(str(a) for a in args)])
+        return self
+
+    def hset(self, key: str, mapping: dict[str, str]) -> Change:
+        flat: list[str] = []
+        for f, v in mapping.items():
+            flat += [f, str(v)]
+        return self.write("HSET", key, *flat)
+
+    def once(self, nonce_key: str, ttl: int) -> Change:
+        """Burn a nonce (SET NX EX) in the same commit; if it was already burnt, nothing is written."""
+        self.nonce = [self._k(nonce_key), int(ttl)]
+        return self
+
+    def program(self) -> str:
+        prog: dict[str, Any] = {}
+        if self.guards:
+            prog["g"] = self.guards
+        if self.writes:
+            prog["w"] = self.writes
+        if self.nonce:
+            prog["n"] = self.nonce
+        return json.dumps(prog, separators=(",", ":")) if prog else "{}"
+
+
+def until_committed(attempt: Callable[[], T], *, what: str) -> T:
+    """Run ``attempt`` (read, decide, commit) until its commit holds; a :class:`GuardFailed`
+    means its reads went stale, so it reads and decides again."""
+    for _ in range(MAX_DECISIONS):
+        try:
+            return attempt()
+        except GuardFailed:
+            continue
+    raise Conflict(f"{what} is being changed by too many clients at once; retry")
+
+
+class Commits:
+    """Commits :class:`Change`\\ s with their audit records (see the module docstring)."""
+
+    def __init__(self, r: RedisClient) -> None:
+        self.r = r
+        self._commit = r.register_script(_COMMIT)
+
+    def append(self, type_: str, *, actor: str = "", head: str | None = None, **fields: Any) -> str:
+        """Append one record (no state change); returns its stream id.  Secret-looking fields are refused."""
+        return self.commit(type_, None, actor=actor, head=head, **fields)
+
+    def commit(self, type_: str, change: Change | None, *, actor: str = "", head: str | None = None,
+               **fields: Any) -> str:
+        """Apply ``change`` and append its record in one atomic step; returns the record's stream id.
+
+        ``head``: the chain head if the caller already read it (saves a round trip; a stale one
+        only costs a retry).  A guard that does not hold raises :class:`GuardFailed`, a nonce
+        already burnt :class:`Replayed`; either way nothing is written.
+        """
+        body = self._body(type_, actor, fields)
+        change = change or Change()
+        keys = [STREAM, HEAD, *change.keys]
+        program = change.program()
+        subscribers = outbox.keys_for(body)
+        queue = [outbox.OUTBOX, *subscribers] if subscribers else [""]
+        prev = head or self.r.get(HEAD) or GENESIS
+        for _ in range(MAX_HEAD_RACES):
+            canonical = dumps({**body, "prev": prev})
+            status, value = self._commit(keys=keys, args=[GENESIS, prev, canonical, digest(canonical), program,
+                                                          *queue])
+            if status == 1:
+                return str(value)
+            if status == 2:
+                raise Replayed()
+            if status == -1:
+                raise GuardFailed(int(value) - 1)
+            prev = value
+        raise Conflict("the audit log is too contended; retry")
+
+    def update_hash(self, k: str, change: Callable[[dict[str, str]], dict[str, str]],
+                    event: Callable[[dict[str, str], dict[str, str]], tuple[str, dict[str, Any]]], *,
+                    guard: Callable[[Change, dict[str, str]], Change], actor: str, missing: str,
+                    what: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Read the hash ``k`` and the chain head, write ``change(before)`` with the record
+        ``event(before, after) -> (type, fields)`` under ``guard(Change(), before)``; when the
+        guard fails (someone changed the hash meanwhile) read and compute again.
+
+        Optimistic concurrency for every read-modify-write of one hash: the outcome is always
+        one of the serial orders.  Returns (before, after).
+        """
+        def attempt() -> tuple[dict[str, str], dict[str, str]]:
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.hgetall(k)
+                pipe.get(HEAD)
+                before, head = pipe.execute()
+            if not before:
+                raise NotFound(missing)
+            fields = change(before)
+            after = {**before, **fields}
+            type_, doc = event(before, after)
+            self.commit(type_, guard(Change(), before).hset(k, fields), actor=actor, head=head, **doc)
+            return before, after
+
+        return until_committed(attempt, what=what)
+
+    def insert(self, type_: str, key: str, rec: dict[str, str], *, index: tuple[str, str, str],
+               exists: str, actor: str, **event: Any) -> None:
+        """Create the hash ``key`` and add it to its listing zset (``index``: zset, score, member)
+        with its record, only if it does not exist yet — else :class:`Conflict` ``exists``,
+        nothing written."""
+        change = Change().guard("absent", key).hset(key, rec).write("ZADD", *index)
+        try:
+            self.commit(type_, change, actor=actor, **event)
+        except GuardFailed:
+            raise Conflict(exists) from None
+
+    @staticmethod
+    def _body(type_: str, actor: str, fields: dict[str, Any]) -> dict[str, Any]:
+        leaked = SECRET_FIELDS & set(fields)
+        if leaked:
+            raise SecretInRecord(f"audit records never carry secrets ({', '.join(sorted(leaked))})")
+        return {"type": type_, "ts": round(time.time(), 3), "actor": actor,
+                **{k: v for k, v in fields.items() if v is not None}}
+
