@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -55,7 +56,7 @@ def _run(args: list[str], env: dict[str, str], *, echo: str | None = None) -> st
     return done.stdout
 
 
-def _wait(check, what: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def _wait(check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -122,6 +123,8 @@ class Demo:
         server = self._spawn("license server", [_bin("layerlock"), "serve", "--data-dir", str(self.data / "server"),
                                                 "--bind", f"127.0.0.1:{self.port}"], logs / "server.log")
         _wait(lambda: requests.get(self.url + "/readyz", timeout=1).ok, "license server", 60, server)
+        print(f"  ops console: {self.url}/console/  (sign in with the admin key {self.env['LAYERLOCK_API_KEY']})",
+              flush=True)
 
         _say("4/8  vendor: protect the model and register its data key (sealed) with the server")
         out = _run([_bin("layerlock"), "protect", str(model), "--model-id", MODEL_ID, "--register", self.url,
@@ -171,7 +174,10 @@ class Demo:
 
         print(f"""
 \033[1mRunning.\033[0m  License server {self.url}, sidecar socket {sock}.
-Try, in another terminal (with this venv's bin/ on PATH):
+Open the ops console in a browser: {self.url}/console/
+  sign in with the demo's admin key {self.env["LAYERLOCK_API_KEY"]}
+  (machines, licenses — revoke {license_id} there —, the audit trail, API keys)
+Or try, in another terminal (with this venv's bin/ on PATH):
   export LAYERLOCK_SERVER={self.url}
   export LAYERLOCK_API_KEY={self.env["LAYERLOCK_API_KEY"]}   # the demo's admin key, printed once
   {client[0]} {' '.join(client[1:])}
@@ -179,6 +185,13 @@ Try, in another terminal (with this venv's bin/ on PATH):
   layerlock audit list                                       # every step above, hash-chained
   layerlock audit verify
   layerlock-verifier status --config {config}
+Licensing beyond one machine (README, "Licensing models"):
+  layerlock licenses issue --customer demo --seats 2 --floating --lease 2m --model {MODEL_ID} --days 30
+  layerlock licenses seats lic_…                             # who holds a seat, until when
+  layerlock-verifier request --state-dir {state} --model {MODEL_ID} --out req.llr   # air-gapped: a file ...
+  layerlock activate-offline req.llr --out resp.llt          # ... answered by ops ...
+  layerlock-verifier import --state-dir {state} resp.llt     # ... and imported on the site
+  layerlock webhooks create http://127.0.0.1:9000/hook       # signed events (see `layerlock webhooks -h`)
 Ctrl-C stops everything.""", flush=True)
         while all(p.poll() is None for _, p in self.procs):
             time.sleep(0.5)

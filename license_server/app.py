@@ -20,10 +20,11 @@ from layerlock.license_server import logs, metrics
 from layerlock.license_server.config import ServerConfig
 from layerlock.license_server.keystore import KeyStore
 from layerlock.license_server.policy import SuitePolicy
-from layerlock.license_server.redis_conn import REDIS_DOWN, Client, connect
+from layerlock.license_server.redis_conn import REDIS_DOWN, RedisClient, connect
 from layerlock.license_server.statuses import status_of
 from layerlock.license_server.store import apikeys
 from layerlock.license_server.store.audit import AuditLog
+from layerlock.license_server.store.commit import Commits
 from layerlock.license_server.store.guards import ActivationReader
 from layerlock.shared.errors import ConfigError, LayerlockError, PayloadTooLarge, Unavailable
 
@@ -33,9 +34,10 @@ log = logging.getLogger("layerlock")
 @dataclass
 class Services:
     config: ServerConfig
-    redis: Client
+    redis: RedisClient
     keys: KeyStore
     audit: AuditLog
+    commits: Commits
     policy: SuitePolicy
     activation_reader: ActivationReader
     bootstrapped: bool = field(default=False)
@@ -44,9 +46,9 @@ class Services:
         """Put the init-time admin key hash into Redis once Redis is reachable."""
         if self.bootstrapped:
             return
-        h = self.keys.keys.bootstrap_hash
+        h = self.keys.current.bootstrap_hash
         if h:
-            apikeys.ensure_bootstrap(self.audit, h)
+            apikeys.ensure_bootstrap(self.commits, h)
         self.bootstrapped = True
 
 
@@ -54,14 +56,14 @@ def services() -> Services:
     return current_app.extensions["layerlock"]  # type: ignore[no-any-return]
 
 
-def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> Flask:
+def create_app(config: ServerConfig, *, redis_client: RedisClient | None = None) -> Flask:
     logs.setup(config.log_level)
     if not config.redis_url and redis_client is None:
         raise ConfigError("no Redis URL: start the server with `layerlock serve` (embedded Redis) "
                           "or set LAYERLOCK_REDIS_URL")
     r = redis_client or connect(config.redis_url, config.redis_timeout)
     svc = Services(config=config, redis=r, keys=KeyStore(config.key_dir, max_token_life=config.max_offline_grace),
-                   audit=AuditLog(r), policy=SuitePolicy.from_file(config.policy_file),
+                   audit=AuditLog(r), commits=Commits(r), policy=SuitePolicy.from_file(config.policy_file),
                    activation_reader=ActivationReader(r))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -72,9 +74,21 @@ def create_app(config: ServerConfig, *, redis_client: Client | None = None) -> F
     except REDIS_DOWN:
         log.warning("redis unreachable at startup; will retry", extra={"fields": {"event": "startup"}})
 
-    from layerlock.license_server.api import activation, audit, enroll, keys, licenses, machines, models, system
+    from layerlock.license_server.api import (
+        activation,
+        audit,
+        enroll,
+        keys,
+        licenses,
+        machines,
+        models,
+        system,
+        webhooks,
+    )
+    from layerlock.license_server.console import bp as console_bp
 
-    for bp in (system.bp, machines.bp, enroll.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp):
+    for bp in (system.bp, machines.bp, enroll.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp,
+               webhooks.bp, console_bp):
         app.register_blueprint(bp)
     _register_errors(app)
     _register_logging(app)

@@ -52,6 +52,21 @@ class ServerConfig:
     retry_after: int = 2
     #: Trust ``X-Forwarded-For`` from the reverse proxy (set when nginx is in front).
     trust_proxy: bool = False
+    #: How old an air-gapped activation request file may be when ops submit it (it travels by
+    #: hand); its nonce is remembered that long, so it is answered once.
+    offline_request_ttl: int = 7 * 86_400
+    #: The gunicorn master runs the background worker (``layerlock webhooks run``: webhook
+    #: deliveries, lease culling) as a supervised child.  False: run it yourself, e.g. once per
+    #: deployment rather than once per replica (several at once are safe, not needed).
+    background: bool = True
+    #: Seconds between the background worker's passes (culling, fan-out, due deliveries).
+    background_interval: float = 1.0
+    #: Webhook delivery: per-request timeout, first retry delay (doubling, with jitter, up to
+    #: ``webhook_backoff_max``), and how long a delivery is retried before it is marked failed.
+    webhook_timeout: float = 5.0
+    webhook_backoff: float = 10.0
+    webhook_backoff_max: float = 3600.0
+    webhook_retry_for: int = 26 * 3600
 
     @property
     def key_dir(self) -> Path:
@@ -104,3 +119,9 @@ class ServerConfig:
             raise ConfigError("need 1 <= min_lifetime and default_token_ttl <= default_offline_grace")
         if self.redis_timeout <= 0 or self.max_body_bytes < 1024:
             raise ConfigError("redis_timeout must be > 0 and max_body_bytes >= 1024")
+        if self.offline_request_ttl < self.clock_skew:
+            raise ConfigError("offline_request_ttl must be >= clock_skew")
+        if min(self.background_interval, self.webhook_timeout, self.webhook_backoff) <= 0 or \
+                self.webhook_backoff_max < self.webhook_backoff or self.webhook_retry_for < 0:
+            raise ConfigError("background_interval, webhook_timeout and webhook_backoff must be > 0, "
+                              "webhook_backoff_max >= webhook_backoff, webhook_retry_for >= 0")

@@ -3,10 +3,12 @@
 Packaged inside ``license_server`` so an installed copy works without the repository.  Tunables
 come from the environment (``layerlock serve`` sets them from its options):
 ``LAYERLOCK_BIND`` (default 127.0.0.1:8700), ``LAYERLOCK_WORKERS`` (default 2 × CPUs, max 8),
-``LAYERLOCK_THREADS`` (default 4).  The master's hooks do two jobs that must happen exactly once,
+``LAYERLOCK_THREADS`` (default 4).  The master's hooks do three jobs that must happen exactly once,
 before workers fork: start the embedded Redis when ``LAYERLOCK_REDIS_URL`` is unset (supervise
-it: restarted when it dies, the master exits 1 if that keeps failing; stop it on exit), and give
-prometheus_client a fresh multiprocess directory.
+it: restarted when it dies, the master exits 1 if that keeps failing; stop it on exit), give
+prometheus_client a fresh multiprocess directory, and start the background worker
+(``layerlock webhooks run``: webhook deliveries, lease culling; ``LAYERLOCK_BACKGROUND=false``
+to run it elsewhere) as a supervised child (``background.py``).
 
 Workers are gthread workers whose own error replies (request line or headers too long, malformed
 requests) use the API's JSON shape ``{"error", "message"}`` instead of gunicorn's HTML page.
@@ -131,6 +133,7 @@ proc_name = "layerlock-server"
 control_socket_disable = True  # gunicorn >= 24: no shared ~/.gunicorn socket between instances
 
 _embedded: Any = None
+_background: Any = None
 _redis_gave_up: str | None = None
 
 
@@ -159,7 +162,7 @@ def _exposed(addresses: list[str]) -> list[str]:
 
 
 def on_starting(server: Any) -> None:
-    global _embedded
+    global _embedded, _background
     from layerlock.license_server.config import ServerConfig
 
     exposed = _exposed(list(server.cfg.bind or []))
@@ -179,15 +182,23 @@ def on_starting(server: Any) -> None:
         os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()
         server.log.info("embedded redis-server started on %s", _embedded.socket)
         _embedded.supervise(server.log, _give_up_on_redis)
+    if cfg.background:  # webhook deliveries and lease culling (license_server/background.py)
+        from layerlock.license_server.background import Background
+
+        _background = Background()
+        server.log.info("background worker (layerlock webhooks run) started, pid %s", _background.start())
+        _background.supervise(server.log)
 
 
 def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def on_exit(server: Any) -> None:
+    if _background is not None:
+        _background.stop()
     if _embedded is not None:
         _embedded.stop()
         server.log.info("embedded redis-server stopped")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from layerlock.license_server.roles import ADMINS, AUDITORS, READERS, WRITERS, Role, describe
+
 ERROR = {"$ref": "#/components/schemas/Error"}
 _S = {"type": "string"}
 _I = {"type": "integer"}
@@ -24,11 +26,25 @@ def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any
 
 MACHINE_BODY = _obj({"machine": _S, "customer": _S, "enrollment": {**_S, "description": "LLE1.… code"},
                      "labels": {"type": "object", "additionalProperties": _S}})
-LICENSE_BODY = _obj({"machine": _S, "model": _S, "days": _I, "expires_at": _I, "not_before": _I,
+LICENSE_BODY = _obj({"machine": {**_S, "description": "kind node: the one machine"},
+                     "customer": {**_S, "description": "kinds seats/floating: whose machines share the seats"},
+                     "model": {**_S, "description": "one model id (or give family)"},
+                     "family": {**_S, "description": "a model family, with a versions rule"},
+                     "versions": {"enum": ["all", "max", "maintain"]}, "max_version": _S,
+                     "kind": {"enum": ["node", "seats", "floating"]}, "seats": _I,
+                     "lease_ttl": {**_I, "description": "seconds a lease lasts without renewal (floating)"},
+                     "revive_ttl": {**_I, "description": "seconds a lapsed lease's seat stays reserved"},
+                     "airgap_ttl": {**_I, "description": "token life of air-gapped activations, seconds"},
+                     "days": _I, "expires_at": _I, "not_before": _I,
                      "token_ttl": {**_I, "description": "seconds, <= offline_grace"},
-                     "offline_grace": {**_I, "description": "seconds"}, "notes": _S}, ("machine", "model"))
+                     "offline_grace": {**_I, "description": "seconds"}, "notes": _S})
 ACTIVATE_BODY = _obj({"machine": _S, "model": _S, "ts": _I, "nonce": _S, "sig": _S},
                      ("machine", "model", "ts", "nonce", "sig"))
+OFFLINE_BODY = _obj({"layerlock": {"enum": ["offline-request"]}, "v": {"enum": [1]}, "request": ACTIVATE_BODY},
+                    ("layerlock", "v", "request"))
+WEBHOOK_BODY = _obj({"url": {**_S, "description": "https:// (http:// only for a loopback host)"},
+                     "events": {"type": "array", "items": _S, "description": "event types, or [\"*\"] (default)"},
+                     "description": _S}, ("url",))
 ENROLL_BODY = _obj({"enrollment": {**_S, "description": "LLE1.… code the host printed"},
                     "claim": {**_S, "description": "llc_… single-use claim secret ops created"}},
                    ("enrollment", "claim"))
@@ -42,67 +58,85 @@ ROUTES: list[tuple[str, str, str, str | None, dict[str, Any] | None, list[str]]]
     ("get", "/.well-known/jwks.json", "Token signing keys (current and retired-but-valid)", None, None, []),
     ("get", "/v1/ping", "Trivial JSON endpoint (benchmark baseline)", None, None, []),
     ("post", "/v1/activate", "Verifier activation: signed request → license token", None, ACTIVATE_BODY, []),
-    ("get", "/v1/intake-key", "X25519 key that `layerlock protect` seals data keys to", "admin, operator",
+    ("post", "/v1/activate/offline", "Air-gapped activation: a site's signed request file → its response file "
+     "(the same token)", describe(WRITERS), OFFLINE_BODY, []),
+    ("get", "/v1/intake-key", "X25519 key that `layerlock protect` seals data keys to", describe(WRITERS),
      None, []),
-    ("post", "/v1/machines", "Register a machine (optionally with its enrollment code)", "admin, operator",
+    ("post", "/v1/machines", "Register a machine (optionally with its enrollment code)", describe(WRITERS),
      MACHINE_BODY, []),
-    ("get", "/v1/machines", "List machines", "admin, operator, auditor", None,
+    ("get", "/v1/machines", "List machines", describe(READERS), None,
      [*LIST_Q, "customer", "status", "label"]),
-    ("get", "/v1/machines/{code}", "Show a machine", "admin, operator, auditor", None, []),
-    ("patch", "/v1/machines/{code}", "Update labels / customer", "admin, operator",
+    ("get", "/v1/machines/{code}", "Show a machine", describe(READERS), None, []),
+    ("patch", "/v1/machines/{code}", "Update labels / customer", describe(WRITERS),
      _obj({"labels": {"type": "object"}, "customer": _S}), []),
-    ("post", "/v1/machines/{code}/deactivate", "Deactivate a machine", "admin, operator", None, []),
-    ("post", "/v1/machines/{code}/reactivate", "Reactivate a machine", "admin, operator", None, []),
+    ("post", "/v1/machines/{code}/deactivate", "Deactivate a machine", describe(WRITERS), None, []),
+    ("post", "/v1/machines/{code}/reactivate", "Reactivate a machine", describe(WRITERS), None, []),
     ("post", "/v1/machines/{code}/claims", "Create a single-use claim secret (shown once) for a machine registered "
-     "by code", "admin, operator", _obj({"ttl": {**_I, "description": "seconds"}}), []),
+     "by code", describe(WRITERS), _obj({"ttl": {**_I, "description": "seconds"}}), []),
     ("post", "/v1/enroll", "A host binds its keys: its enrollment code + the claim ops gave it", None, ENROLL_BODY,
      []),
-    ("post", "/v1/models", "Register a model with its sealed data key", "admin, operator",
-     _obj({"model_id": _S, "name": _S, "version": _S, "sealed_key": {"type": "object"}},
-          ("model_id", "sealed_key")), []),
-    ("get", "/v1/models", "List models", "admin, operator, auditor", None, [*LIST_Q, "status"]),
-    ("get", "/v1/models/{model_id}", "Show a model (never its key)", "admin, operator, auditor", None, []),
-    ("post", "/v1/models/{model_id}/retire", "Retire a model", "admin, operator", None, []),
-    ("post", "/v1/licenses", "Issue a license", "admin, operator", LICENSE_BODY, []),
-    ("get", "/v1/licenses", "List licenses", "admin, operator, auditor", None,
-     [*LIST_Q, "machine", "model", "customer", "status"]),
-    ("get", "/v1/licenses/{license_id}", "Show a license", "admin, operator, auditor", None, []),
-    ("post", "/v1/licenses/{license_id}/revoke", "Revoke a license", "admin, operator",
+    ("post", "/v1/models", "Register a model with its sealed data key", describe(WRITERS),
+     _obj({"model_id": _S, "name": _S, "version": _S, "family": _S, "released_at": _I,
+           "sealed_key": {"type": "object"}}, ("model_id", "sealed_key")), []),
+    ("get", "/v1/models", "List models", describe(READERS), None, [*LIST_Q, "status"]),
+    ("get", "/v1/models/{model_id}", "Show a model (never its key)", describe(READERS), None, []),
+    ("post", "/v1/models/{model_id}/retire", "Retire a model", describe(WRITERS), None, []),
+    ("post", "/v1/licenses", "Issue a license", describe(WRITERS), LICENSE_BODY, []),
+    ("get", "/v1/licenses", "List licenses", describe(READERS), None,
+     [*LIST_Q, "machine", "model", "customer", "family", "kind", "status"]),
+    ("get", "/v1/licenses/{license_id}", "Show a license (a pool license with its seat usage)", describe(READERS),
+     None, []),
+    ("get", "/v1/licenses/{license_id}/seats", "Who holds a pool license's seats, until when", describe(READERS),
+     None, []),
+    ("post", "/v1/licenses/{license_id}/seats/{code}/release", "Release a machine's seat now", describe(WRITERS),
      _obj({"reason": _S}), []),
-    ("post", "/v1/licenses/{license_id}/extend", "Extend a license", "admin, operator",
+    ("post", "/v1/licenses/{license_id}/revoke", "Revoke a license", describe(WRITERS),
+     _obj({"reason": _S}), []),
+    ("post", "/v1/licenses/{license_id}/extend", "Extend a license", describe(WRITERS),
      _obj({"days": _I, "expires_at": _I}), []),
     ("get", "/v1/audit/rejections", "Unauthenticated rejections per hour and reason (never audited one by one)",
-     "admin, auditor", None, ["hours"]),
-    ("get", "/v1/audit", "Audit records, newest first", "admin, auditor", None,
+     describe(AUDITORS), None, ["hours"]),
+    ("get", "/v1/audit", "Audit records, newest first", describe(AUDITORS), None,
      ["cursor", "limit", "type", "machine", "license", "model", "outcome", "reason", "since", "until"]),
     ("get", "/v1/audit/verify", "Walk the hash chain and the stored checkpoints; report the first break",
-     "admin, auditor", None, []),
+     describe(AUDITORS), None, []),
     ("get", "/v1/audit/raw", "Audit records oldest first, exactly as stored (rec, h): verify locally",
-     "admin, auditor", None, ["cursor", "limit"]),
+     describe(AUDITORS), None, ["cursor", "limit"]),
     ("get", "/v1/audit/checkpoint", "A fresh signed checkpoint {size, head, ts, kid} of the chain",
-     "admin, auditor", None, []),
-    ("get", "/v1/audit/checkpoints", "Signed checkpoints the server kept, newest first", "admin, auditor",
+     describe(AUDITORS), None, []),
+    ("get", "/v1/audit/checkpoints", "Signed checkpoints the server kept, newest first", describe(AUDITORS),
      None, []),
     ("get", "/v1/audit/checkpoint-key", "Ed25519 JWK that signs audit checkpoints (pin it)", None, None, []),
-    ("post", "/v1/keys", "Create an API key (shown once)", "admin",
-     _obj({"role": {"enum": ["admin", "operator", "auditor"]}, "name": _S}, ("role",)), []),
-    ("get", "/v1/keys", "List API keys (no secrets)", "admin", None, LIST_Q),
-    ("post", "/v1/keys/{key_id}/revoke", "Revoke an API key", "admin", None, []),
-    ("post", "/v1/keys/rotate-signing", "New signing key; old one stays in the JWKS", "admin", None, []),
-    ("post", "/v1/keys/rotate-kek", "New KEK; re-wrap stored data keys", "admin", None, []),
+    ("post", "/v1/keys", "Create an API key (shown once)", describe(ADMINS),
+     _obj({"role": {"enum": [r.value for r in Role]}, "name": _S}, ("role",)), []),
+    ("get", "/v1/keys", "List API keys (no secrets)", describe(ADMINS), None, LIST_Q),
+    ("post", "/v1/keys/{key_id}/revoke", "Revoke an API key", describe(ADMINS), None, []),
+    ("post", "/v1/keys/rotate-signing", "New signing key; old one stays in the JWKS", describe(ADMINS), None, []),
+    ("post", "/v1/keys/rotate-kek", "New KEK; re-wrap stored data keys", describe(ADMINS), None, []),
+    ("post", "/v1/webhooks", "Register a webhook endpoint (its signing secret is shown once)", describe(ADMINS),
+     WEBHOOK_BODY, []),
+    ("get", "/v1/webhooks", "List webhook endpoints (never their secrets)", describe(ADMINS), None, LIST_Q),
+    ("get", "/v1/webhooks/{webhook_id}", "Show a webhook endpoint", describe(ADMINS), None, []),
+    ("post", "/v1/webhooks/{webhook_id}/disable", "Disable a webhook endpoint", describe(ADMINS), None, []),
+    ("get", "/v1/webhooks/deliveries", "The delivery log, newest first", describe(ADMINS), None,
+     ["cursor", "limit", "webhook", "status", "type"]),
+    ("get", "/v1/webhooks/deliveries/{delivery_id}", "One delivery, with its body", describe(ADMINS), None, []),
+    ("post", "/v1/webhooks/deliveries/{delivery_id}/replay", "Send a delivery again (same event id)",
+     describe(ADMINS), None, []),
 ]
 
 
 #: Operations answering 201 Created (the rest answer 200).
 CREATED = {("post", "/v1/machines"), ("post", "/v1/models"), ("post", "/v1/licenses"), ("post", "/v1/keys"),
-           ("post", "/v1/machines/{code}/claims")}
+           ("post", "/v1/machines/{code}/claims"), ("post", "/v1/webhooks")}
 #: Non-JSON success bodies (Prometheus exposition format).
 MEDIA = {"/metrics": "text/plain"}
 #: Operations that never touch Redis (so never answer 503).
 NO_REDIS = {"/healthz", "/v1/ping", "/metrics", "/.well-known/jwks.json"}
 #: Error statuses beyond those :func:`_errors` derives from the route's shape.
 EXTRA_ERRORS = {("post", "/v1/activate"): {401, 403, 429}, ("post", "/v1/enroll"): {401, 429},
-                ("post", "/v1/licenses"): {404}}
+                ("post", "/v1/licenses"): {404}, ("post", "/v1/activate/offline"): {429},
+                ("get", "/v1/webhooks/deliveries"): {400}}
 
 
 def _errors(method: str, path: str, roles: str | None, query: list[str]) -> set[int]:

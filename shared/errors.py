@@ -125,6 +125,17 @@ class Denial(StrEnum):
     machine's license drops a served model at once; anything else (a flood, a clock problem, a
     replayed or unverifiable request — which an outsider can provoke without the machine key)
     leaves a served model alone and lets a restarted sidecar unlock from its cached token.
+
+    ``seats_exhausted`` (every seat of the customer's pool licence is taken by another machine)
+    is *transient*: the licence does cover this machine, only not right now, and the pool frees
+    up as other machines' leases lapse or ops release a seat.  A floating token never outlives
+    its lease, so the machine that lost its seat (offline past its lease and revive window) holds
+    no valid token anyway; a node-locked seat released by ops keeps serving until its token
+    expires (what the server signed), then stops.  Dropping the cached token would gain nothing
+    and make a restarted sidecar fail where it may legitimately serve.  The sidecar keeps the
+    model ``locked`` with that reason and retries on its back-off, so it gets the next free seat.
+    ``not_entitled`` (a family licence whose version rule excludes this version) is definitive,
+    like ``no_license``.
     """
 
     UNKNOWN_MACHINE = "unknown_machine"
@@ -140,12 +151,14 @@ class Denial(StrEnum):
     REPLAY = "replay"
     RATE_LIMITED = "rate_limited"
     BUSY = "busy"
+    SEATS_EXHAUSTED = "seats_exhausted"
+    NOT_ENTITLED = "not_entitled"
 
 
 #: Answers that say the machine may not have this model: the sidecar drops it.
 DEFINITIVE = frozenset({Denial.UNKNOWN_MACHINE, Denial.NOT_ENROLLED, Denial.MACHINE_INACTIVE,
                         Denial.UNKNOWN_MODEL, Denial.NO_LICENSE, Denial.REVOKED, Denial.EXPIRED,
-                        Denial.SUITE_REQUIRED})
+                        Denial.SUITE_REQUIRED, Denial.NOT_ENTITLED})
 
 #: Denials of requests that did not prove possession of the machine key (or that anyone holding
 #: a captured request could provoke): counted in metrics and per-hour aggregates, never audited

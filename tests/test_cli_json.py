@@ -12,6 +12,9 @@ Commands without ``--json``, and why JSON makes no sense for them:
 * ``layerlock-verifier run`` -- the daemon (systemd ``Type=notify``); it reports through
   sd_notify and JSON log lines, and ``layerlock-verifier status --json`` is its machine-readable
   view.
+* ``layerlock webhooks run`` -- the background worker (webhook deliveries, lease culling) that
+  ``layerlock serve`` starts itself; it runs until stopped and logs JSON lines, and
+  ``layerlock webhooks deliveries --json`` is the machine-readable view of what it did.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ NO_JSON = {
     "layerlock serve": "long-running: execs gunicorn, whose logs are already JSON lines",
     "layerlock demo": "interactive walk-through that runs until Ctrl-C",
     "layerlock-verifier run": "the daemon: sd_notify + JSON log lines; `status --json` is its JSON view",
+    "layerlock webhooks run": "the background worker: runs until stopped, JSON log lines; `webhooks deliveries "
+                              "--json` is its JSON view",
 }
 
 

@@ -111,7 +111,8 @@ class Runner:
         host_facts = f"machine code: {machine_code(machine_id_path=self.host / 'machine-id')}"
         sources = [*reversed(self.printed[self.block_start:]), host_facts, *reversed(self.printed[:self.block_start])]
         for text in sources:
-            found = re.findall(re.escape(prefix) + r"[A-Za-z0-9._~-]+", text)
+            # (a machine code's check character may be one of * ~ $ = too)
+            found = re.findall(re.escape(prefix) + r"[A-Za-z0-9._~*$=-]+", text)
             if found:
                 return found[-1]
         raise AssertionError(f"README placeholder {token!r}: no earlier command printed a {prefix!r}… value")

@@ -1,4 +1,4 @@
-"""``layerlock-verifier``: enroll, run, status, check.
+"""``layerlock-verifier``: enroll, run, status, check; request and import (the air-gapped exchange).
 
 Exit codes: 0 success; 1 a refusal the operator must fix (bad config, daemon not running,
 insecure state dir, server unreachable during enroll).  Errors go to stderr as one line per
@@ -245,12 +245,77 @@ def status(config_path: Path, socket_path: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"running": True, **answer}))
         return
     click.echo(f"machine code: {answer.get('machine')}")
+    clock = answer.get("clock") or {}
+    if clock and not clock.get("ok", True):
+        click.echo(f"clock: offline use stopped (clock_rollback: {clock.get('reason')})")
     for m in answer.get("models", []):
         line = f"  {m['model']}: {m['state']}"
         if m["state"] != "unlocked":
             line += f" ({m.get('reason')}: {m.get('message')})"
         line += f"; token expires {_when(m.get('expires_at'))}; next renewal {_when(m.get('renew_at'))}"
         click.echo(line)
+
+
+# --- the air-gapped exchange -------------------------------------------------------------------
+_STATE_DIR = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path),
+                          help="the enrolled state directory (state_dir in the config)")
+
+
+@main.command()
+@click.option("--model", "model_id", required=True, help="the model id to activate")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the request file to write (carry it to ops: layerlock activate-offline FILE --out RESP)")
+@_STATE_DIR
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True)
+def request(model_id: str, out: Path, state_dir: Path, force: bool, as_json: bool) -> None:
+    """Write a signed activation request for a site with no route to the license server.
+
+    Ops answer it with `layerlock activate-offline FILE --out RESP` wherever the server is; bring
+    the response back and `layerlock-verifier import RESP`.  Only the latest request per model
+    can be imported; renewal is the same exchange.
+    """
+    from layerlock.verifier.offline import write_request
+    from layerlock.verifier.state import StateDir
+
+    try:
+        doc = write_request(StateDir(state_dir), model_id, out, force=force)
+    except LayerlockError as exc:
+        _fail(exc)
+    req = doc["request"]
+    if as_json:
+        click.echo(json.dumps({"file": str(out), "machine": req["machine"], "model": req["model"],
+                               "nonce": req["nonce"], "ts": req["ts"]}))
+    else:
+        click.echo(f"wrote {out}: request for {req['model']} from {req['machine']}; ops answer it with "
+                   f"layerlock activate-offline {out.name} --out RESPONSE")
+
+
+@main.command("import")
+@click.argument("response_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_STATE_DIR
+@click.option("--issuer", default="layerlock", show_default=True, help="the token issuer (issuer in the config)")
+@click.option("--json", "as_json", is_flag=True)
+def import_response(response_file: Path, state_dir: Path, issuer: str, as_json: bool) -> None:
+    """Install the token from an air-gapped response file (from `layerlock activate-offline`).
+
+    The token is checked exactly as an online one (pinned server key, this machine, this model,
+    the data key opens with this machine's key) and must answer this machine's latest request;
+    the running sidecar unlocks with it at its next retry (or restart it).
+    """
+    from layerlock.verifier.offline import import_response as do_import
+    from layerlock.verifier.state import StateDir
+
+    try:
+        claims = do_import(StateDir(state_dir), response_file, issuer=issuer)
+    except LayerlockError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    if as_json:
+        click.echo(json.dumps({"model": claims.mdl, "machine": claims.sub, "license": claims.lic,
+                               "expires_at": claims.exp, "renew_at": claims.rna}))
+    else:
+        click.echo(f"imported a token for {claims.mdl} (license {claims.lic}), valid until {_when(claims.exp)}; "
+                   "the sidecar unlocks with it at its next retry")
 
 
 if __name__ == "__main__":

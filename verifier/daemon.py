@@ -18,6 +18,14 @@ reads the slot's state.  The rules, in the order they are applied:
 * A server token signed by a key that is not pinned (the server rotated its signing key): fetch
   the JWKS (at most once a minute), pin the keys endorsed by already-pinned ones
   (:func:`layerlock.shared.tokens.extend_pinned`), persist them and try the token once more.
+* ``seats_exhausted`` is transient (see :class:`layerlock.shared.errors.Denial`): the model stays
+  ``locked`` with that reason and the loop retries on its back-off until a seat frees.
+* While the server cannot be asked, a newer token in the cache (``layerlock-verifier import``
+  on an air-gapped site) replaces the one in use.
+* The clock (:mod:`layerlock.verifier.clock`): every pass records the time; a clock set back
+  beyond ``clock_tolerance`` stops offline use — cached tokens are refused, served models renew
+  at once and are dropped (``clock_rollback``) if the server cannot answer — until an online
+  activation succeeds.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
@@ -36,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from layerlock.shared.errors import DEFINITIVE, ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
 from layerlock.shared.machine import machine_code
 from layerlock.shared.tokens import LicenseClaims, extend_pinned, jwks
+from layerlock.verifier.clock import ClockGuard
 from layerlock.verifier.config import Config, ModelConfig
 from layerlock.verifier.errors import ModelUnavailable
 from layerlock.verifier.log import log
@@ -55,7 +63,7 @@ class Activator(Protocol):
     def fetch_jwks(self) -> dict[str, Any]: ...
 
 
-Restorer = Callable[[str, Path, Path, bytes], SealedModel]
+Restorer = Callable[..., SealedModel]  # (model id, locked, bundle, data key[, param=ncnn .param])
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Slot:
     expires_at: int | None = None
     renew_at: float = 0.0
     source: str | None = None
+    jti: str | None = None  # the token in use (a newer one in the cache replaces it offline)
     failures: int = 0
     settled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -109,6 +118,8 @@ class Daemon:
         self.on_change = on_change or (lambda: None)
         state.check()
         self.keys = state.load_keys()
+        self.clock_guard = ClockGuard(state.clock_file, self.keys.sign, tolerance=config.clock_tolerance)
+        self.clock_guard.load(clock(), state.file_times())
         self.jwks = state.load_jwks()
         self._jwks_lock = threading.Lock()
         self._jwks_fetched: float | None = None
@@ -158,6 +169,7 @@ class Daemon:
     def _loop(self, slot: Slot) -> None:
         while not self.stopping.is_set():
             now = self.clock()
+            self._watch_clock(now)
             self._expire(slot, now)
             if now >= slot.renew_at:
                 try:
@@ -173,7 +185,29 @@ class Daemon:
             if slot.state == UNLOCKED and slot.expires_at is not None:
                 wake = min(wake, slot.expires_at)
             with self._wake:
+                if self.stopping.is_set():  # stop() notified before we got here: do not sleep through it
+                    break
                 self._wake.wait(timeout=max(0.05, min(wake - now, 60.0)))
+
+    def _watch_clock(self, now: float) -> None:
+        """Record the time; on a fresh rollback, make every served model renew online now."""
+        reason, newly = self.clock_guard.check(now)
+        if not newly:
+            return
+        log("clock_rollback", level="error", audit=True, detail=reason)
+        for slot in self.slots.values():
+            if slot.state == UNLOCKED:
+                slot.renew_at = 0.0  # only an online answer may keep it served now
+        with self._wake:
+            self._wake.notify_all()
+
+    def _offline_refused(self, slot: Slot) -> None:
+        """The clock was set back and the server cannot vouch: no offline use."""
+        reason = self.clock_guard.rolled_back
+        if slot.state == UNLOCKED:
+            self._drop(slot, "clock_rollback", reason, forget=False)
+        elif slot.reason != "clock_rollback":
+            self._set(slot, REFUSED, "clock_rollback", reason)
 
     def _expire(self, slot: Slot, now: float) -> None:
         if slot.state == UNLOCKED and slot.expires_at is not None and now >= slot.expires_at:
@@ -196,14 +230,22 @@ class Daemon:
             token = self.server.activate(self.machine, model_id, self.keys)
         except Unavailable as exc:
             log("server_unreachable", level="warning", model=model_id, detail=exc.message)
-            if slot.state != UNLOCKED:
+            if self.clock_guard.rolled_back:
+                self._offline_refused(slot)
+            elif slot.state != UNLOCKED:
                 self._from_cache(slot, exc.message)
+            else:
+                self._refresh_from_cache(slot)
             self._backoff(slot)
             return
         except ActivationDenied as exc:
             log("activation_denied", level="warning", model=model_id, reason=exc.code, detail=exc.message)
-            if exc.code not in DEFINITIVE:
-                if slot.state != UNLOCKED:
+            if exc.code not in DEFINITIVE and self.clock_guard.rolled_back:
+                self._offline_refused(slot)
+            elif exc.code not in DEFINITIVE:
+                if slot.state == UNLOCKED:
+                    self._refresh_from_cache(slot)
+                else:
                     self._from_cache(slot, f"the server answered {exc.code}")
                     if slot.state == LOCKED:  # no usable cached token: say what the server said
                         self._set(slot, LOCKED, exc.code, exc.message)
@@ -216,13 +258,30 @@ class Daemon:
             self.state.save_token(model_id, token)
 
     def _from_cache(self, slot: Slot, why: str) -> None:
+        if self.clock_guard.rolled_back:
+            self._offline_refused(slot)
+            return
         token = self.state.load_token(slot.config.id)
         if token is None:
             if slot.state != REFUSED:  # a refusal keeps its reason (revoked, token_expired) while offline
                 self._set(slot, LOCKED, "server_unreachable",
                           f"license server unreachable and no cached token ({why})")
             return
-        if not self._use_token(slot, token, source="cache"):
+        if not self._use_token(slot, token, source="cache") and not self.clock_guard.rolled_back:
+            self.state.delete_token(slot.config.id)
+
+    def _refresh_from_cache(self, slot: Slot) -> None:
+        """Serving, the server out of reach: take a newer cached token (an air-gapped import)."""
+        token = self.state.load_token(slot.config.id)
+        if token is None:
+            return
+        try:
+            jti = jwt.decode(token, options={"verify_signature": False}).get("jti")
+        except jwt.PyJWTError:
+            jti = None
+        if jti == slot.jti:
+            return
+        if not self._use_token(slot, token, source="cache") and not self.clock_guard.rolled_back:
             self.state.delete_token(slot.config.id)
 
     def _use_token(self, slot: Slot, token: str, *, source: str) -> bool:
@@ -235,13 +294,24 @@ class Daemon:
                 if source != "server" or not self._extend_jwks(token, pinned):
                     raise
                 claims, data_key = self._accept(token, model_id, self.jwks)
+            if source == "cache":  # its iat is server time: a clock now before it was set back
+                self.clock_guard.observe(claims.iat)
+                reason, newly = self.clock_guard.check(self.clock())
+                if reason:
+                    if newly:
+                        log("clock_rollback", level="error", audit=True, detail=reason)
+                    raise ModelUnavailable("clock_rollback", reason)
+            elif self.clock_guard.rolled_back and self.clock_guard.resync(self.clock()):
+                log("clock_resynced", level="warning", audit=True, model=model_id,
+                    detail="an online activation succeeded: the current clock is the baseline again")
             if self.clock() >= claims.exp:
                 raise ModelUnavailable("token_expired", "token has expired")
             model = slot.model
             fresh = model is None
             if model is None:
                 started, cpu = time.monotonic(), time.process_time()
-                model = self.restorer(model_id, slot.config.locked, slot.config.bundle, data_key)
+                extra = {"param": slot.config.param} if slot.config.param is not None else {}  # ncnn
+                model = self.restorer(model_id, slot.config.locked, slot.config.bundle, data_key, **extra)
                 log("model_unlocked", model=model_id, source=source, size=model.size,
                     ms=round((time.monotonic() - started) * 1000, 1),
                     cpu_ms=round((time.process_time() - cpu) * 1000, 1))
@@ -257,6 +327,7 @@ class Daemon:
             slot.model = model
             slot.state, slot.reason, slot.message = UNLOCKED, "", ""
             slot.license, slot.expires_at, slot.source = claims.lic, claims.exp, source
+            slot.jti = claims.jti
             slot.failures = 0
             now = self.clock()
             slot.renew_at = claims.rna if claims.rna > now else now + max(1.0, (claims.exp - now) / 3)
@@ -333,6 +404,7 @@ class Daemon:
             slot.state, slot.reason, slot.message = REFUSED, reason, message
             slot.expires_at = None
             slot.license = None
+            slot.jti = None
         if model is not None:
             model.drop()
             log("model_dropped", level="warning", audit=True, model=slot.config.id, reason=reason, was=was)
@@ -357,5 +429,5 @@ class Daemon:
                 for s in self.slots.values()]
 
     def status(self) -> dict[str, Any]:
-        return {"machine": self.machine, "server": self.config.server_url,
+        return {"machine": self.machine, "server": self.config.server_url, "clock": self.clock_guard.status(),
                 "models": [s.describe() for s in self.slots.values()]}

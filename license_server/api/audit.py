@@ -15,10 +15,11 @@ from flask import Blueprint, request
 from layerlock.license_server import checkpoints
 from layerlock.license_server.api.common import integer, machine_code, require
 from layerlock.license_server.app import services
+from layerlock.license_server.roles import AUDITORS
+from layerlock.license_server.webhooks import queue_inline
 from layerlock.shared.errors import InvalidInput
 
 bp = Blueprint("audit", __name__, url_prefix="/v1/audit")
-AUDITORS = ("admin", "auditor")
 
 
 #: Bounds of ``since``/``until`` (Unix seconds) and of both parts of a ``cursor`` (``MS-SEQ``):
@@ -60,7 +61,7 @@ def list_records() -> dict[str, Any]:
                if k in request.args}
     if "machine" in filters:
         filters["machine"] = machine_code(filters["machine"])
-    items, nxt = services().audit.list(cursor=cursor, limit=limit, filters=filters,
+    items, nxt = services().audit.records(cursor=cursor, limit=limit, filters=filters,
                                        since=_time("since"), until=_time("until"))
     return {"items": items, "next_cursor": nxt}
 
@@ -114,7 +115,10 @@ def checkpoint() -> dict[str, Any]:
     size, head = checkpoints.snapshot(svc.redis)
     doc = checkpoints.sign(sk, size, head)
     good, _, _ = checkpoints.stored(svc.redis, sk.public_key())
-    checkpoints.maybe_store(svc.redis, doc, max(good, key=lambda c: (c.size, c.ts), default=None))
+    if checkpoints.maybe_store(svc.redis, doc, max(good, key=lambda c: (c.size, c.ts), default=None)):
+        cp = doc["checkpoint"]  # kept: worth a webhook event (at most one a minute)
+        queue_inline(svc.redis, "checkpoint.signed", {"size": cp["size"], "head": cp["head"], "ts": cp["ts"],
+                                                      "kid": cp["kid"]}, f"cp{cp['size']}-{cp['ts']}")
     return doc
 
 

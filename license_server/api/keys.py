@@ -9,28 +9,29 @@ from flask import Blueprint, g
 from layerlock.license_server.api.common import body, page_args, require, string
 from layerlock.license_server.app import services
 from layerlock.license_server.keystore import new_api_key
-from layerlock.license_server.store import apikeys, models, page
+from layerlock.license_server.roles import ADMINS, Role
+from layerlock.license_server.store import apikeys, models, page, webhooks
 from layerlock.shared.errors import Conflict, InvalidInput
 
 bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 
 
 @bp.post("")
-@require("admin")
+@require(*ADMINS)
 def create() -> tuple[dict[str, Any], int]:
     doc = body({"role", "name"}, required=("role",))
     role = doc["role"]
-    if role not in apikeys.ROLES:
-        raise InvalidInput(f"role must be one of {', '.join(apikeys.ROLES)}")
+    if not isinstance(role, str) or role not in {r.value for r in Role}:
+        raise InvalidInput(f"role must be one of {', '.join(Role)}")
     name = string(doc, "name", "")
     secret = new_api_key()
     svc = services()
-    rec = apikeys.create(svc.audit, role, name, secret, actor=g.actor)
+    rec = apikeys.create(svc.commits, role, name, secret, actor=g.actor)
     return {**apikeys.public_view(rec), "api_key": secret}, 201
 
 
 @bp.get("")
-@require("admin")
+@require(*ADMINS)
 def list_keys() -> dict[str, Any]:
     cursor, limit = page_args()
     recs, nxt = page(services().redis, apikeys.ALL, apikeys.key, cursor, limit, lambda r: True)
@@ -38,28 +39,28 @@ def list_keys() -> dict[str, Any]:
 
 
 @bp.post("/<key_id>/revoke")
-@require("admin")
+@require(*ADMINS)
 def revoke(key_id: str) -> dict[str, Any]:
     body(())
     svc = services()
     if key_id == g.actor:
         raise Conflict("refusing to revoke the key making this request")
-    rec = apikeys.revoke(svc.audit, key_id, actor=g.actor)
+    rec = apikeys.revoke(svc.commits, key_id, actor=g.actor)
     return apikeys.public_view(rec)
 
 
 @bp.post("/rotate-signing")
-@require("admin")
+@require(*ADMINS)
 def rotate_signing() -> dict[str, Any]:
     body(())
     svc = services()
     result = svc.keys.rotate_signing()
-    svc.audit.append("signing_key_rotated", actor=g.actor, kid=result["kid"])
+    svc.commits.append("signing_key_rotated", actor=g.actor, kid=result["kid"])
     return result
 
 
 @bp.post("/rotate-kek")
-@require("admin")
+@require(*ADMINS)
 def rotate_kek() -> dict[str, Any]:
     """New KEK; re-wrap every stored data key under it.  Models are not re-protected.
 
@@ -75,15 +76,15 @@ def rotate_kek() -> dict[str, Any]:
     while cursor is not None:
         recs, cursor = page(svc.redis, models.ALL, models.key, cursor, 500, lambda r: r.get("kek_id") != new_id)
         for rec in recs:
-            for _ in range(10):
-                key = svc.keys.open_data_key(rec["wrapped_key"], rec["kek_id"], rec["model_id"])
-                wrapped, kek_id = svc.keys.seal_data_key(key, rec["model_id"])
-                if models.rewrap(svc.audit, rec["model_id"], rec, wrapped, kek_id, actor=g.actor):
-                    rewrapped += 1
-                    break
-                rec = models.get(svc.redis, rec["model_id"])
-    in_use = {r.get("kek_id", "") for r in page(svc.redis, models.ALL, models.key, 0, 10**9,
-                                                 lambda r: True)[0]}
-    unused = sorted(set(svc.keys.keys.keks) - in_use - {new_id})
-    svc.audit.append("kek_rotated", actor=g.actor, kek_id=new_id, rewrapped=rewrapped)
+            models.rewrap(svc.commits, svc.keys, rec["model_id"], kek_id=new_id, actor=g.actor)
+            rewrapped += 1
+    cursor = 0
+    while cursor is not None:  # webhook signing secrets are sealed under the KEK too
+        recs, cursor = page(svc.redis, webhooks.ALL, webhooks.key, cursor, 500, lambda r: r.get("kek_id") != new_id)
+        for rec in recs:
+            webhooks.rewrap(svc.commits, svc.keys, rec["webhook_id"], kek_id=new_id, actor=g.actor)
+    in_use = {r.get("kek_id", "") for index, k in ((models.ALL, models.key), (webhooks.ALL, webhooks.key))
+              for r in page(svc.redis, index, k, 0, 10**9, lambda r: True)[0]}
+    unused = sorted(set(svc.keys.current.keks) - in_use - {new_id})
+    svc.commits.append("kek_rotated", actor=g.actor, kek_id=new_id, rewrapped=rewrapped)
     return {"kek_id": new_id, "rewrapped": rewrapped, "unused": unused}

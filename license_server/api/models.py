@@ -1,5 +1,8 @@
 """``/v1/models``: register a protected model with its sealed data key; list, show, retire.
 
+A model may be a version of a ``family`` (``family`` + ``version``; ``released_at`` defaults to
+the registration time), which family licenses name instead of one model id.
+
 The data key arrives sealed to the server's intake key (``layerlock protect``), is opened here
 only long enough to re-seal it under the KEK, and is never returned by any endpoint.
 """
@@ -10,10 +13,12 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from layerlock.license_server.api.common import READERS, WRITERS, body, page_args, require, string
+from layerlock.license_server.api.common import body, integer, page_args, require, string
 from layerlock.license_server.app import services
+from layerlock.license_server.roles import READERS, WRITERS
 from layerlock.license_server.store import models, page
-from layerlock.shared.activation import check_model_id
+from layerlock.shared.errors import InvalidInput
+from layerlock.shared.ids import check_model_id
 from layerlock.shared.keys import b64u_encode
 from layerlock.shared.wrap import open_from_vendor
 
@@ -23,20 +28,26 @@ bp = Blueprint("models", __name__)
 @bp.get("/v1/intake-key")
 @require(*WRITERS)
 def intake_key() -> dict[str, str]:
-    return {"intake_pub": b64u_encode(services().keys.keys.intake.public_key().public_bytes_raw())}
+    return {"intake_pub": b64u_encode(services().keys.current.intake.public_key().public_bytes_raw())}
 
 
 @bp.post("/v1/models")
 @require(*WRITERS)
 def register() -> tuple[dict[str, Any], int]:
-    doc = body({"model_id", "name", "version", "sealed_key"}, required=("model_id", "sealed_key"))
+    doc = body({"model_id", "name", "version", "family", "released_at", "sealed_key"},
+               required=("model_id", "sealed_key"))
     model_id = check_model_id(doc["model_id"], field="model_id")
     name, version = string(doc, "name", model_id), string(doc, "version", "")
+    family = check_model_id(doc["family"], field="family") if doc.get("family") is not None else ""
+    if family and not version:
+        raise InvalidInput("a model of a family needs its version")
+    released = integer(doc["released_at"], "released_at", lo=0, hi=2**40) if "released_at" in doc else None
     svc = services()
-    data_key = open_from_vendor(doc["sealed_key"], svc.keys.keys.intake, model_id)
+    data_key = open_from_vendor(doc["sealed_key"], svc.keys.current.intake, model_id)
     wrapped, kek_id = svc.keys.seal_data_key(data_key, model_id)
-    rec = models.record(model_id, name, version, wrapped, kek_id)
-    models.create(svc.audit, rec, actor=g.actor, model=model_id, version=version, kek_id=kek_id)
+    rec = models.record(model_id, name, version, wrapped, kek_id, family=family, released_at=released)
+    models.create(svc.commits, rec, actor=g.actor, model=model_id, version=version, kek_id=kek_id,
+                  family=family or None)
     return models.public_view(rec), 201
 
 
@@ -61,4 +72,4 @@ def show(model_id: str) -> dict[str, Any]:
 def retire(model_id: str) -> dict[str, Any]:
     model_id = check_model_id(model_id)
     body(())
-    return models.public_view(models.retire(services().audit, model_id, actor=g.actor))
+    return models.public_view(models.retire(services().commits, model_id, actor=g.actor))

@@ -1,4 +1,5 @@
-"""REST-backed ops commands: keys, machines, models, licenses, audit.
+"""REST-backed ops commands: keys, machines, models, licenses (and seats), audit, webhooks, and the
+air-gapped exchange (``activate-offline``).
 
 Each talks to the API with an API key (``--server``/``LAYERLOCK_SERVER``, ``--api-key``/
 ``LAYERLOCK_API_KEY``), prints a table for people or ``--json`` for scripts, and exits 1 with a
@@ -14,11 +15,15 @@ from typing import Any
 
 import click
 
-from layerlock.license_server import checkpoints
-from layerlock.license_server.cli.rest import Client, emit, rest_options
+from layerlock.license_server import checkpoints, events
+from layerlock.license_server.cli.rest import ApiClient, emit, rest_options
+from layerlock.license_server.roles import Role
 
 MACHINE_COLS = ["machine", "customer", "status", "enrolled", "labels"]
-LICENSE_COLS = ["license_id", "machine", "model", "customer", "status", "expires_at"]
+LICENSE_COLS = ["license_id", "kind", "machine", "customer", "model", "family", "seats", "status", "expires_at"]
+SEAT_COLS = ["machine", "live", "until"]
+WEBHOOK_COLS = ["webhook_id", "url", "events", "status", "description"]
+DELIVERY_COLS = ["delivery_id", "type", "status", "attempts", "last_status", "last_error", "webhook_id", "event_id"]
 AUDIT_COLS = ["id", "type", "outcome", "reason", "machine", "model", "license", "actor"]
 
 
@@ -39,10 +44,10 @@ def keys() -> None:
 
 
 @keys.command("create")
-@click.option("--role", type=click.Choice(["admin", "operator", "auditor"]), required=True)
+@click.option("--role", type=click.Choice([r.value for r in Role]), required=True)
 @click.option("--name", default="", help="What the key is for.")
 @rest_options
-def keys_create(client: Client, as_json: bool, role: str, name: str) -> None:
+def keys_create(client: ApiClient, as_json: bool, role: str, name: str) -> None:
     """Create an API key; the key is printed once."""
     doc = client.call("POST", "/v1/keys", {"role": role, "name": name})
     if as_json:
@@ -54,7 +59,7 @@ def keys_create(client: Client, as_json: bool, role: str, name: str) -> None:
 
 @keys.command("list")
 @rest_options
-def keys_list(client: Client, as_json: bool) -> None:
+def keys_list(client: ApiClient, as_json: bool) -> None:
     """List API keys (ids, roles, names; never the keys)."""
     emit(list(client.walk("/v1/keys", {}, None)), as_json, ["id", "role", "status", "name", "created_at"])
 
@@ -62,21 +67,21 @@ def keys_list(client: Client, as_json: bool) -> None:
 @keys.command("revoke")
 @click.argument("key_id")
 @rest_options
-def keys_revoke(client: Client, as_json: bool, key_id: str) -> None:
+def keys_revoke(client: ApiClient, as_json: bool, key_id: str) -> None:
     """Revoke an API key at once; requests made with it get 401."""
     emit(client.call("POST", f"/v1/keys/{key_id}/revoke"), as_json)
 
 
 @keys.command("rotate-signing")
 @rest_options
-def keys_rotate_signing(client: Client, as_json: bool) -> None:
+def keys_rotate_signing(client: ApiClient, as_json: bool) -> None:
     """New token signing key; retired keys stay in the JWKS until their last token expires."""
     emit(client.call("POST", "/v1/keys/rotate-signing"), as_json)
 
 
 @keys.command("rotate-kek")
 @rest_options
-def keys_rotate_kek(client: Client, as_json: bool) -> None:
+def keys_rotate_kek(client: ApiClient, as_json: bool) -> None:
     """New key-encryption key; re-wraps every stored data key (models stay as they are)."""
     emit(client.call("POST", "/v1/keys/rotate-kek"), as_json)
 
@@ -112,7 +117,7 @@ def _print_claim(doc: dict[str, Any]) -> None:
               help="CODE is a bare machine code: also create a single-use claim secret for the host to enroll with.")
 @click.option("--claim-ttl", default=None, help="Claim lifetime: 3600, 30m, 24h, 7d (default: server's, 24h).")
 @rest_options
-def machines_add(client: Client, as_json: bool, code: str, customer: str, label_pairs: tuple[str, ...],
+def machines_add(client: ApiClient, as_json: bool, code: str, customer: str, label_pairs: tuple[str, ...],
                  with_claim: bool, claim_ttl: str | None) -> None:
     """Register a machine.
 
@@ -148,7 +153,7 @@ def machines_add(client: Client, as_json: bool, code: str, customer: str, label_
 @click.argument("code")
 @click.option("--ttl", default=None, help="Claim lifetime: 3600, 30m, 24h, 7d (default: server's, 24h).")
 @rest_options
-def machines_claim(client: Client, as_json: bool, code: str, ttl: str | None) -> None:
+def machines_claim(client: ApiClient, as_json: bool, code: str, ttl: str | None) -> None:
     """Create a single-use claim secret for a machine registered by its bare code.
 
     The host enrolls with it (`layerlock-verifier enroll --server URL --claim SECRET`); the secret is
@@ -168,7 +173,7 @@ def machines_claim(client: Client, as_json: bool, code: str, ttl: str | None) ->
 @click.option("--label", help="key or key=value")
 @click.option("--limit", type=int, default=None)
 @rest_options
-def machines_list(client: Client, as_json: bool, customer: str | None, status: str | None, label: str | None,
+def machines_list(client: ApiClient, as_json: bool, customer: str | None, status: str | None, label: str | None,
                   limit: int | None) -> None:
     """List registered machines, filtered by customer, status or label."""
     items = list(client.walk("/v1/machines", {"customer": customer, "status": status, "label": label}, limit))
@@ -178,7 +183,7 @@ def machines_list(client: Client, as_json: bool, customer: str | None, status: s
 @machines.command("show")
 @click.argument("code")
 @rest_options
-def machines_show(client: Client, as_json: bool, code: str) -> None:
+def machines_show(client: ApiClient, as_json: bool, code: str) -> None:
     """Show one machine: customer, labels, device class, status."""
     emit(client.call("GET", f"/v1/machines/{code}"), as_json)
 
@@ -187,7 +192,7 @@ def machines_show(client: Client, as_json: bool, code: str) -> None:
 @click.argument("code")
 @click.option("--label", "label_pairs", multiple=True, required=True, help="key=value; replaces all labels.")
 @rest_options
-def machines_label(client: Client, as_json: bool, code: str, label_pairs: tuple[str, ...]) -> None:
+def machines_label(client: ApiClient, as_json: bool, code: str, label_pairs: tuple[str, ...]) -> None:
     """Set labels (KEY=VALUE) on a machine."""
     emit(client.call("PATCH", f"/v1/machines/{code}", {"labels": _labels(label_pairs)}), as_json)
 
@@ -195,7 +200,7 @@ def machines_label(client: Client, as_json: bool, code: str, label_pairs: tuple[
 @machines.command("deactivate")
 @click.argument("code")
 @rest_options
-def machines_deactivate(client: Client, as_json: bool, code: str) -> None:
+def machines_deactivate(client: ApiClient, as_json: bool, code: str) -> None:
     """Deactivate a machine: its next activation or renewal is refused and its sidecar drops the models."""
     emit(client.call("POST", f"/v1/machines/{code}/deactivate"), as_json)
 
@@ -210,17 +215,28 @@ def models() -> None:
 @click.argument("sealed_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model-id", default=None,
               help="Default: NAME-VERSION with --name (NAME alone without --version), else the sealed key's model id.")
-@click.option("--name", default=None, help="Display name; with --version it also makes the id NAME-VERSION.")
+@click.option("--name", default=None, help="Display name; with --version it also makes the id NAME-VERSION "
+              "and the family NAME.")
+@click.option("--family", default=None, help="The model family this is a version of (family licenses name it); "
+              "with --version the id is FAMILY-VERSION.")
 @click.option("--version", "version_", default="")
+@click.option("--released-at", type=int, default=None,
+              help="Release time, Unix seconds (default: now); read by the 'maintain' version rule.")
 @rest_options
-def models_add(client: Client, as_json: bool, sealed_key: Path, model_id: str | None, name: str | None,
-               version_: str) -> None:
+def models_add(client: ApiClient, as_json: bool, sealed_key: Path, model_id: str | None, name: str | None,
+               family: str | None, version_: str, released_at: int | None) -> None:
     """Register a protected model. SEALED_KEY is the *.key.sealed document `layerlock protect` wrote.
 
     The model id is bound into the sealed key (and the .llk bundle) when `layerlock protect`
     runs, so it must match: protect with --model-id NAME-VERSION, then add with --name NAME
-    --version VERSION.  Prints the id it registered.
+    --version VERSION (or --family NAME --version VERSION).  A model added with a version belongs
+    to a family (--family, else --name), which family licenses (`licenses issue --family`)
+    name instead of one model id.  Prints the id it registered.
     """
+    if family and not version_:
+        raise click.UsageError("--family needs --version (a family's models are its versions)")
+    family = family or (name if version_ else None)
+    name = name or family
     try:
         doc = json.loads(sealed_key.read_text())
     except (OSError, ValueError) as exc:
@@ -237,25 +253,32 @@ def models_add(client: Client, as_json: bool, sealed_key: Path, model_id: str | 
             f"into the sealed key and the .llk bundle when `layerlock protect` runs. Protect again with "
             f"--model-id {wanted}, or register it under its own id with --model-id {sealed_for}")
     body = {"model_id": wanted, "name": name or wanted, "version": version_, "sealed_key": doc}
+    if family:
+        body["family"] = family
+    if released_at is not None:
+        body["released_at"] = released_at
     rec = client.call("POST", "/v1/models", body)
     if as_json:
         emit(rec, True)
     else:
+        in_family = f", family {rec['family']!r}: or --family {rec['family']}" if rec.get("family") else ""
         click.echo(f"registered model {rec.get('model_id', wanted)} (name {rec.get('name', '')!r}, "
-                   f"version {rec.get('version', '')!r}); license it with --model {rec.get('model_id', wanted)}")
+                   f"version {rec.get('version', '')!r}); license it with --model {rec.get('model_id', wanted)}"
+                   f"{in_family}")
 
 
 @models.command("list")
 @rest_options
-def models_list(client: Client, as_json: bool) -> None:
+def models_list(client: ApiClient, as_json: bool) -> None:
     """List registered models (never their data keys)."""
-    emit(list(client.walk("/v1/models", {}, None)), as_json, ["model_id", "name", "version", "status", "kek_id"])
+    emit(list(client.walk("/v1/models", {}, None)), as_json,
+         ["model_id", "family", "version", "status", "released_at", "kek_id"])
 
 
 @models.command("retire")
 @click.argument("model_id")
 @rest_options
-def models_retire(client: Client, as_json: bool, model_id: str) -> None:
+def models_retire(client: ApiClient, as_json: bool, model_id: str) -> None:
     """Retire a model: no new licenses or activations for it."""
     emit(client.call("POST", f"/v1/models/{model_id}/retire"), as_json)
 
@@ -267,8 +290,21 @@ def licenses() -> None:
 
 
 @licenses.command("issue")
-@click.option("--machine", required=True)
-@click.option("--model", required=True)
+@click.option("--machine", help="One machine (a node license).")
+@click.option("--customer", help="A customer's machines share --seats (a pool license).")
+@click.option("--model", help="One model id.")
+@click.option("--family", help="A model family instead of one model (see --versions).")
+@click.option("--versions", type=click.Choice(["all", "max", "maintain"]), default=None,
+              help="Family rule: every version (default); up to --max-version; released before the license "
+                   "expires, and those kept after it does.")
+@click.option("--max-version", help="The last version --versions max covers (dotted numbers).")
+@click.option("--seats", type=int, help="With --customer: how many machines at once.")
+@click.option("--floating", is_flag=True, help="Seats are leases: a machine that stops renewing loses its seat.")
+@click.option("--lease", "lease_ttl", help="Lease length: 600, 30m, 1h (floating default: the token ttl; "
+              "with plain seats it adds a heartbeat).")
+@click.option("--revive", "revive_ttl", help="How long a lapsed lease keeps its seat for its machine "
+              "(default: the lease length).")
+@click.option("--airgap-ttl", help="Token life of air-gapped activations (activate-offline): 30d, 90d.")
 @click.option("--days", type=int)
 @click.option("--expires-at", type=int, help="Unix seconds.")
 @click.option("--not-before", type=int, help="Unix seconds.")
@@ -276,22 +312,50 @@ def licenses() -> None:
 @click.option("--offline-grace", type=int, help="Seconds a machine may stay offline.")
 @click.option("--notes")
 @rest_options
-def licenses_issue(client: Client, as_json: bool, **opts: Any) -> None:
-    """Issue a license for one machine and one model (--days or --expires-at)."""
+def licenses_issue(client: ApiClient, as_json: bool, floating: bool, **opts: Any) -> None:
+    """Issue a license (--days or --expires-at).
+
+    \b
+    For one machine:          --machine LLK-… --model ID
+    For N machines of a customer (node-locked seats):  --customer C --seats N --model ID
+    For N at once (floating leases):  --customer C --seats N --floating [--lease 1h]
+    Any of them for a model family instead of one model:  --family NAME [--versions …]
+    """
     if opts["days"] is None and opts["expires_at"] is None:
         raise click.UsageError("give --days or --expires-at")
+    if (opts["machine"] is None) == (opts["customer"] is None):
+        raise click.UsageError("give --machine (one machine) or --customer with --seats (a pool)")
+    if (opts["model"] is None) == (opts["family"] is None):
+        raise click.UsageError("give --model or --family")
+    for name in ("lease_ttl", "revive_ttl", "airgap_ttl"):
+        opts[name] = _duration(opts[name])
+    if opts["max_version"] is not None and opts["versions"] is None:
+        opts["versions"] = "max"
     body = {k: v for k, v in opts.items() if v is not None}
-    emit(client.call("POST", "/v1/licenses", body), as_json)
+    if floating:
+        body["kind"] = "floating"
+    emit(_seat_lines(client.call("POST", "/v1/licenses", body), as_json), as_json)
+
+
+def _seat_lines(doc: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """For people: seat usage as one line (``licenses seats`` lists the holders)."""
+    if as_json or "holders" not in doc:
+        return doc
+    out = {k: v for k, v in doc.items() if k not in ("holders", "used")}
+    out["seats"] = f"{doc['used']} of {doc['seats']} in use (licenses seats {doc['license_id']})"
+    return out
 
 
 @licenses.command("list")
 @click.option("--machine")
 @click.option("--model")
 @click.option("--customer")
+@click.option("--family")
+@click.option("--kind", type=click.Choice(["node", "seats", "floating"]))
 @click.option("--status", type=click.Choice(["active", "revoked", "expired", "pending"]))
 @click.option("--limit", type=int, default=None)
 @rest_options
-def licenses_list(client: Client, as_json: bool, limit: int | None, **filters: Any) -> None:
+def licenses_list(client: ApiClient, as_json: bool, limit: int | None, **filters: Any) -> None:
     """List licenses, filtered by machine, model, customer or status."""
     emit(list(client.walk("/v1/licenses", filters, limit)), as_json, LICENSE_COLS)
 
@@ -299,16 +363,48 @@ def licenses_list(client: Client, as_json: bool, limit: int | None, **filters: A
 @licenses.command("show")
 @click.argument("license_id")
 @rest_options
-def licenses_show(client: Client, as_json: bool, license_id: str) -> None:
-    """Show one license with its status and activation count."""
-    emit(client.call("GET", f"/v1/licenses/{license_id}"), as_json)
+def licenses_show(client: ApiClient, as_json: bool, license_id: str) -> None:
+    """Show one license with its status and activation count (a pool license: its seats in use)."""
+    emit(_seat_lines(client.call("GET", f"/v1/licenses/{license_id}"), as_json), as_json)
+
+
+@licenses.command("seats")
+@click.argument("license_id")
+@rest_options
+def licenses_seats(client: ApiClient, as_json: bool, license_id: str) -> None:
+    """Who holds a pool license's seats, and until when (a lapsed lease stays listed until culled)."""
+    doc = client.call("GET", f"/v1/licenses/{license_id}/seats")
+    if as_json:
+        emit(doc, True)
+        return
+    click.echo(f"{license_id}: {doc['used']} of {doc['seats']} seats in use")
+    emit([{**h, "until": h["until"] if h["until"] is not None else "until released"} for h in doc["holders"]],
+         False, SEAT_COLS)
+
+
+@licenses.command("release")
+@click.argument("license_id")
+@click.argument("machine")
+@click.option("--reason", default="")
+@rest_options
+def licenses_release(client: ApiClient, as_json: bool, license_id: str, machine: str, reason: str) -> None:
+    """Free MACHINE's seat of a pool license now (audited).
+
+    The machine takes a seat again at its next activation if one is free; to keep it out,
+    deactivate it (`machines deactivate`).  It may use the model until its token expires.
+    """
+    doc = client.call("POST", f"/v1/licenses/{license_id}/seats/{machine}/release", {"reason": reason})
+    if as_json:
+        emit(doc, True)
+    else:
+        click.echo(f"released {doc['machine']}'s seat of {license_id}: {doc['used']} of {doc['seats']} now in use")
 
 
 @licenses.command("revoke")
 @click.argument("license_id")
 @click.option("--reason", default="")
 @rest_options
-def licenses_revoke(client: Client, as_json: bool, license_id: str, reason: str) -> None:
+def licenses_revoke(client: ApiClient, as_json: bool, license_id: str, reason: str) -> None:
     """Revoke a license: its sidecar drops the model at its next renewal (within 2/3 of a token life)."""
     emit(client.call("POST", f"/v1/licenses/{license_id}/revoke", {"reason": reason}), as_json)
 
@@ -318,7 +414,7 @@ def licenses_revoke(client: Client, as_json: bool, license_id: str, reason: str)
 @click.option("--days", type=int)
 @click.option("--expires-at", type=int)
 @rest_options
-def licenses_extend(client: Client, as_json: bool, license_id: str, days: int | None,
+def licenses_extend(client: ApiClient, as_json: bool, license_id: str, days: int | None,
                     expires_at: int | None) -> None:
     """Extend a license's expiry (--days more, or a new --expires-at)."""
     body = {k: v for k, v in (("days", days), ("expires_at", expires_at)) if v is not None}
@@ -335,10 +431,6 @@ def audit() -> None:
     """
 
 
-def _audit_filters(opts: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in opts.items() if v is not None}
-
-
 _FILTERS = [click.option("--type", "type_"), click.option("--machine"), click.option("--license"),
             click.option("--model"), click.option("--since", type=float), click.option("--until", type=float)]
 
@@ -349,35 +441,28 @@ def _with_filters(fn: Any) -> Any:
     return fn
 
 
-def _walk_audit(client: Client, filters: dict[str, Any], limit: int | None) -> list[dict[str, Any]]:
+def _audit_params(filters: dict[str, Any]) -> dict[str, Any]:
+    """The CLI's --type (``type_``: a Python keyword) is the API's ``type``."""
     params = dict(filters)
-    if "type_" in params:
-        params["type"] = params.pop("type_")
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        doc = client.call("GET", "/v1/audit", params={**params, "cursor": cursor, "limit": 1000})
-        out.extend(doc["items"])
-        cursor = doc.get("next_cursor")
-        if cursor is None or (limit is not None and len(out) >= limit):
-            return out[:limit] if limit is not None else out
+    params["type"] = params.pop("type_", None)
+    return params
 
 
 @audit.command("list")
 @_with_filters
 @click.option("--limit", type=int, default=50, show_default=True)
 @rest_options
-def audit_list(client: Client, as_json: bool, limit: int, **filters: Any) -> None:
+def audit_list(client: ApiClient, as_json: bool, limit: int, **filters: Any) -> None:
     """Newest first."""
-    emit(_walk_audit(client, _audit_filters(filters), limit), as_json, AUDIT_COLS)
+    emit(list(client.walk("/v1/audit", _audit_params(filters), limit)), as_json, AUDIT_COLS)
 
 
 @audit.command("export")
 @_with_filters
 @rest_options
-def audit_export(client: Client, as_json: bool, **filters: Any) -> None:
+def audit_export(client: ApiClient, as_json: bool, **filters: Any) -> None:
     """Every matching record as JSON lines, oldest first (for archiving or a SIEM)."""
-    for rec in reversed(_walk_audit(client, _audit_filters(filters), None)):
+    for rec in reversed(list(client.walk("/v1/audit", _audit_params(filters), None))):
         click.echo(json.dumps(rec, sort_keys=True))
 
 
@@ -386,7 +471,7 @@ _PIN = click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=F
                          "server's keys/checkpoint.pub, or PEM). Default: the key the server publishes.")
 
 
-def _pinned(client: Client, key_file: Path | None) -> tuple[Any, str]:
+def _pinned(client: ApiClient, key_file: Path | None) -> tuple[Any, str]:
     """(public key, where it came from): the pinned file, else the server's published key."""
     try:
         if key_file is not None:
@@ -422,7 +507,7 @@ def _cp_doc(cp: checkpoints.Checkpoint, **extra: Any) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @_PIN
 @rest_options
-def audit_checkpoint(client: Client, as_json: bool, out: Path | None, force: bool, key_file: Path | None) -> None:
+def audit_checkpoint(client: ApiClient, as_json: bool, out: Path | None, force: bool, key_file: Path | None) -> None:
     """Get a signed checkpoint (size, head hash, time) of the audit log.
 
     Keep it somewhere the server's Redis cannot reach: `audit verify --checkpoint FILE` later
@@ -454,7 +539,7 @@ def audit_checkpoint(client: Client, as_json: bool, out: Path | None, force: boo
 @audit.command("checkpoint-key")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Save the JWK here.")
 @rest_options
-def audit_checkpoint_key(client: Client, as_json: bool, out: Path | None) -> None:
+def audit_checkpoint_key(client: ApiClient, as_json: bool, out: Path | None) -> None:
     """The public key that signs checkpoints (a JWK), to pin with --key.
 
     Fetching it from the server you audit is trust on first use: compare its kid with the
@@ -469,7 +554,7 @@ def audit_checkpoint_key(client: Client, as_json: bool, out: Path | None) -> Non
     emit(jwk, as_json)
 
 
-def _verify_locally(client: Client, files: tuple[Path, ...], key_file: Path | None) -> dict[str, Any]:
+def _verify_locally(client: ApiClient, files: tuple[Path, ...], key_file: Path | None) -> dict[str, Any]:
     key, label = _pinned(client, key_file)
     cps = [(path, _read_checkpoint(path, key, label)) for path in files]
     out: dict[str, Any] = {"key": "pinned" if key_file else "server",
@@ -498,7 +583,7 @@ def _verify_locally(client: Client, files: tuple[Path, ...], key_file: Path | No
               help="A saved checkpoint (repeatable): verify locally that the log extends it.")
 @_PIN
 @rest_options
-def audit_verify(client: Client, as_json: bool, checkpoint_files: tuple[Path, ...], key_file: Path | None) -> None:
+def audit_verify(client: ApiClient, as_json: bool, checkpoint_files: tuple[Path, ...], key_file: Path | None) -> None:
     """Check the hash chain; exit 1 with the first break if it does not hold.
 
     Without --checkpoint the server walks its own chain (and the checkpoints it kept).  That
@@ -528,3 +613,134 @@ def audit_verify(client: Client, as_json: bool, checkpoint_files: tuple[Path, ..
     if not doc["ok"]:
         raise click.ClickException(f"audit chain broken at {doc['break_at']}: {doc['reason']} "
                                    f"(after {doc['checked']} good records)")
+
+
+# --- air-gapped activation ---------------------------------------------------------------------
+@click.command("activate-offline")
+@click.argument("request_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Write the response file here (carry it to the site: layerlock-verifier import FILE).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@rest_options
+def activate_offline(client: ApiClient, as_json: bool, request_file: Path, out: Path, force: bool) -> None:
+    """Answer an air-gapped site's activation request (from `layerlock-verifier request`).
+
+    The server makes the same decision and the same sealed, signed token as for an online
+    activation, audited with your key as actor; the request's nonce is burnt, so each request
+    file is answered once.  Renewal is the same exchange with a new request.
+    """
+    try:
+        doc = json.loads(request_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {request_file}: {exc}") from None
+    answer = client.call("POST", "/v1/activate/offline", doc)
+    try:
+        with open(out, "w" if force else "x") as fh:
+            fh.write(json.dumps(answer, indent=2) + "\n")
+    except FileExistsError:
+        raise click.ClickException(f"{out} exists (--force overwrites)") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
+    if as_json:
+        emit({k: v for k, v in answer.items() if k != "token"} | {"file": str(out)}, True)
+    else:
+        click.echo(f"wrote {out}: license {answer['license_id']} for {answer['machine']} / {answer['model']}, "
+                   f"token expires {_when(answer['expires_at'])}; on the site: layerlock-verifier import {out.name}")
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+# --- webhooks ----------------------------------------------------------------------------------
+@click.group()
+def webhooks() -> None:
+    """Signed event deliveries to your endpoints (admin).
+
+    Deliveries are JSON POSTs signed with HMAC-SHA256 (header Layerlock-Signature: t=…,v1=…, over
+    "<t>." + body), retried with exponential back-off for 26 h, logged (`webhooks deliveries`)
+    and replayable.  See layerlock.license_server.webhooks for the verification snippet.
+    """
+
+
+@webhooks.command("create")
+@click.argument("url")
+@click.option("--event", "event_types", multiple=True,
+              help="Event type to send (repeatable; default: all). One of: " + ", ".join(events.TYPES))
+@click.option("--description", default="")
+@rest_options
+def webhooks_create(client: ApiClient, as_json: bool, url: str, event_types: tuple[str, ...],
+                    description: str) -> None:
+    """Register an https endpoint (http only for loopback); prints its signing secret once."""
+    body: dict[str, Any] = {"url": url, "description": description}
+    if event_types:
+        body["events"] = list(event_types)
+    doc = client.call("POST", "/v1/webhooks", body)
+    if as_json:
+        emit(doc, True)
+        return
+    click.echo(f"created {doc['webhook_id']} → {doc['url']} ({', '.join(doc['events'])}); signing secret "
+               "(shown once, store it with the receiver):")
+    click.echo(doc["secret"])
+
+
+@webhooks.command("list")
+@rest_options
+def webhooks_list(client: ApiClient, as_json: bool) -> None:
+    """List endpoints (never their secrets)."""
+    emit(list(client.walk("/v1/webhooks", {}, None)), as_json, WEBHOOK_COLS)
+
+
+@webhooks.command("disable")
+@click.argument("webhook_id")
+@rest_options
+def webhooks_disable(client: ApiClient, as_json: bool, webhook_id: str) -> None:
+    """Stop sending to an endpoint; its pending deliveries are cancelled."""
+    emit(client.call("POST", f"/v1/webhooks/{webhook_id}/disable"), as_json)
+
+
+def _walk_log(client: ApiClient, params: dict[str, Any], limit: int | None) -> list[dict[str, Any]]:
+    """Follow the delivery log's cursors (they are log ids, not ranks)."""
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while limit is None or len(out) < limit:
+        page = client.call("GET", "/v1/webhooks/deliveries", params={
+            **params, "cursor": cursor, "limit": 500 if limit is None else min(500, limit - len(out))})
+        out += page["items"]
+        cursor = page.get("next_cursor")
+        if cursor is None:
+            break
+    return out
+
+
+@webhooks.command("deliveries")
+@click.option("--webhook")
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed", "cancelled"]))
+@click.option("--type", "type_", help="Event type.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@rest_options
+def webhooks_deliveries(client: ApiClient, as_json: bool, webhook: str | None, status: str | None,
+                        type_: str | None, limit: int) -> None:
+    """The delivery log, newest first."""
+    emit(_walk_log(client, {"webhook": webhook, "status": status, "type": type_}, limit), as_json, DELIVERY_COLS)
+
+
+@webhooks.command("replay")
+@click.argument("delivery_id")
+@rest_options
+def webhooks_replay(client: ApiClient, as_json: bool, delivery_id: str) -> None:
+    """Send a delivery again now (same event id, so receivers can drop it if they had it)."""
+    emit(client.call("POST", f"/v1/webhooks/deliveries/{delivery_id}/replay"), as_json)
+
+
+@webhooks.command("run")
+def webhooks_run() -> None:
+    """Run the background worker: webhook deliveries and lease culling (until SIGTERM).
+
+    `layerlock serve` starts one itself (LAYERLOCK_BACKGROUND=false turns that off); run it by
+    hand only if you turned it off.  It reads the server's settings (LAYERLOCK_REDIS_URL,
+    LAYERLOCK_DATA_DIR for the KEK that opens webhook secrets).
+    """
+    from layerlock.license_server.webhooks import main
+
+    main()

@@ -3,14 +3,29 @@
 =============================  ==========================================================
 ``ll:machine:<code>``          hash: customer, labels (JSON), status, public keys, device
 ``ll:machines``                zset of codes by registration time (ms): listing cursor
-``ll:model:<id>``              hash: name, version, status, KEK-sealed data key + kek_id
+``ll:model:<id>``              hash: name, version, family, released_at, status, KEK-sealed
+                               data key + kek_id
 ``ll:models``                  zset of model ids by time
-``ll:license:<id>``            hash: machine, model, customer, validity window, status
+``ll:license:<id>``            hash: machine, model, customer, validity window, status; kind,
+                               seats, lease_ttl, revive_ttl, family + versions rule, airgap_ttl
 ``ll:licenses``                zset of license ids by issue time
-``ll:lic:<machine>:<model>``   set of license ids for the activation lookup
+``ll:lic:<machine>:<model>``   set of the machine's license ids for a model (activation lookup)
+``ll:lic:<machine>:@<family>`` ... for a model family (model ids never start with ``@``)
+``ll:clic:<customer>:<model>`` set of the customer's pool (seats/floating) license ids for a model
+``ll:clic:<customer>:@<fam>``  ... for a model family.  The activation's one read
+                               (``guards.py``) takes the customer from the machine hash and the
+                               family from the model hash and reads all four sets in one script
+``ll:seats:<license>``         zset machine → seat held until (Unix s; +inf: until released)
+``ll:leases``                  zset ``<license>|<machine>`` → lease end + revive: what the
+                               culler scans (``seats.py``)
+``ll:webhook:<id>`` / ``ll:webhooks``   webhook endpoints (secret KEK-sealed) and their listing
+``ll:wh:on:<event>``           set of webhook ids subscribed to an event (``*``: all)
+``ll:wh:outbox``               list of audit record ids to fan out (pushed by the commit script)
+``ll:wh:d:<id>`` / ``ll:wh:queue`` / ``ll:wh:log``   deliveries, their due times, their log
+                               (``webhooks.py``)
 ``ll:apikey:<id>`` / ``ll:apikey-hash:<sha256>``   API keys (hash only) and lookup
 ``ll:claim:<sha256>``         hash: an enrollment claim (only the secret's hash is stored)
-``ll:nonce:<machine>:<nonce>`` SET NX EX: replay guard
+``ll:nonce:<machine>:<nonce>`` SET NX EX: replay guard (air-gapped requests: ``offline_request_ttl``)
 ``ll:rl:m:<machine>:<min>``    signed activation requests of a machine this minute
 ``ll:rl:bad:<source>:<min>``   failed unauthenticated requests of a source this minute
 ``ll:rejects:<YYYYMMDDHH>``    hash reason → count: unauthenticated rejections, per hour
@@ -29,6 +44,9 @@ import time
 from typing import Any
 
 P = "ll:"
+#: Batches one listing call reads at most: a filter that matches rarely returns a short page and
+#: a cursor instead of scanning everything at once.
+MAX_PAGE_BATCHES = 20
 
 
 def now_ms() -> int:
@@ -49,13 +67,12 @@ def page(r: Any, index: str, hash_key: Any, cursor: int, limit: int,
 
     Cursors are ranks in an insertion-ordered zset from which nothing is ever removed (retired,
     revoked and deactivated records stay), so a cursor stays valid between calls.  Returns the
-    records and the next cursor (None at the end).  At most 20 batches per call: a filter that
-    matches rarely returns a short page plus a cursor instead of scanning everything at once.
+    records and the next cursor (None at the end); at most :data:`MAX_PAGE_BATCHES` batches.
     """
     out: list[dict[str, str]] = []
     batch = max(limit, 100)
     pos = cursor
-    for _ in range(20):
+    for _ in range(MAX_PAGE_BATCHES):
         ids = r.zrange(index, pos, pos + batch - 1)
         if not ids:
             return out, None

@@ -40,10 +40,11 @@ def test_protect_register_license_serve_bit_exact(deployment):
     # renewal happens (ttl 3 s → renew at ~2 s) and the model stays served
     assert wait_for(lambda: sum(e["event"] == "token_accepted" for e in dep.sidecar.events()) >= 3, timeout=10)
     assert run_client(MODEL_ID, dep.socket)["sha256"] == want_sha
-    # nothing unlocked was written: the state dir holds keys, pins and the (sealed) token only
+    # nothing unlocked was written: the state dir holds keys, pins, the (sealed) token and the
+    # MAC'd clock mark only
     names = {p.relative_to(dep.state_dir).as_posix() for p in dep.state_dir.rglob("*")}
     assert names == {"machine.json", "sign.ed25519.pem", "kex.x25519.pem", "jwks.json", "tokens",
-                     f"tokens/{MODEL_ID}.jwt"}
+                     f"tokens/{MODEL_ID}.jwt", "clock.json"}
     log = dep.sidecar.log.read_text()
     token = (dep.state_dir / "tokens" / f"{MODEL_ID}.jwt").read_text()
     assert token.split(".")[1][:20] not in log  # never a token in a log line

@@ -41,6 +41,27 @@ def test_activation_returns_a_token_whose_wk_opens_to_the_data_key(server):
     assert doc["token"] not in str(audit) and claims.wk not in str(audit)
 
 
+def test_wk_is_sealed_once_per_license_and_reused_and_still_opens(server):
+    """The sealed data key depends only on (license, machine keys, data key): the first grant
+    seals it and stores it in the license hash, later grants (any replica) reuse it."""
+    m, model_id, data_key, lic = world(server)
+    first, second = (verify_token(activate(server, m, model_id).json()["token"], _jwks(server), machine_code=m.code)
+                     for _ in range(2))
+    assert first.jti != second.jti and first.wk == second.wk
+    stored = server.redis().hget(f"ll:license:{lic['license_id']}", "wk_" + first.suite)
+    assert stored.endswith(":" + first.wk)
+    key = open_sealed(second.wrapped_key, MachineKemKeys(m.kx).private_for(second.suite), second.suite,
+                      binding_info(second.lic, m.code, model_id))
+    assert key == data_key
+    # a cached wk that does not match the machine's current keys is never served
+    server.redis().hset(f"ll:license:{lic['license_id']}", "wk_" + first.suite, "0" * 16 + ":" + first.wk)
+    third = verify_token(activate(server, m, model_id).json()["token"], _jwks(server), machine_code=m.code)
+    assert third.wk != first.wk
+    # revoke still works at once (the cache field is no guard of ops' writes) and is reflected
+    assert server.api("POST", f"/v1/licenses/{lic['license_id']}/revoke", {"reason": "t"}).status_code == 200
+    assert activate(server, m, model_id).json()["error"] == "revoked"
+
+
 def test_token_lifetimes_follow_license_settings(server):
     m = new_machine()
     register(server, m)

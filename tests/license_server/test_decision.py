@@ -14,6 +14,7 @@ from layerlock.license_server.store import licenses, machines
 from layerlock.license_server.store.guards import Snapshot
 from layerlock.shared.activation import make_request
 from layerlock.shared.enrollment import parse_code
+from layerlock.shared.errors import DEFINITIVE
 from layerlock.shared.keys import b64u_decode, ed25519_public
 
 NOW = 1_800_000_000.0
@@ -141,3 +142,95 @@ def test_decide_reads_no_clock():
     assert abs(time.time() - NOW) > CFG.clock_skew
     assert isinstance(_decide(snap, req, now=NOW), Grant)
     assert _reason(_decide(snap, req, now=time.time())) == "stale_request"
+
+
+# --- pool licenses (seats, floating) and family entitlements: rules 9-11 -------------------------
+def _pool(m, *, seats="2", used="0", held="", kind="floating", expires=3600, **terms):
+    rec = licenses.record("", "mdl", "acme", int(NOW) - 10, int(NOW) + expires, 60, 120,
+                          terms={"kind": kind, "seats": seats, "lease_ttl": "60", "revive_ttl": "60", **terms})
+    return {**rec, "_used": used, "_held": held}
+
+
+def _family(rule="all", *, expires=3600, max_version=None):
+    terms = {"family": "resnet", "versions": rule, **({"max_version": max_version} if max_version else {})}
+    return licenses.record("M", "", "acme", int(NOW) - 10, int(NOW) + expires, 60, 120, terms=terms)
+
+
+def _grant_or_reason(snap, m, model="mdl"):
+    out = _decide(snap, make_request(m.code, model, m.sk, now=NOW))
+    return out.license["license_id"] if isinstance(out, Grant) else str(out.reason)
+
+
+def test_a_pool_license_grants_while_a_seat_is_free_and_then_says_seats_exhausted():
+    m, snap = _world()
+    pool = _pool(m, used="1")
+    snap.licenses = [pool]
+    assert _grant_or_reason(snap, m) == pool["license_id"]
+    snap.licenses = [{**pool, "_used": "2"}]
+    out = _decide(snap, make_request(m.code, "mdl", m.sk, now=NOW))
+    assert _reason(out) == "seats_exhausted" and out.audited
+    assert "seats_exhausted" not in {str(d) for d in DEFINITIVE}  # transient for the sidecar
+
+
+def test_a_machine_holding_a_live_seat_renews_even_when_the_pool_is_full_and_revives_within_its_window():
+    m, snap = _world()
+    snap.licenses = [_pool(m, used="2", held=str(NOW + 30))]  # a renewal (or a revival: lease over, seat kept)
+    out = _decide(snap, make_request(m.code, "mdl", m.sk, now=NOW))
+    assert isinstance(out, Grant) and out.seat
+    snap.licenses = [_pool(m, used="2", held=str(NOW - 1))]  # lapsed past its revive window: no seat of its own
+    assert _grant_or_reason(snap, m) == "seats_exhausted"
+
+
+def test_own_license_first_then_a_held_seat_then_a_free_seat():
+    m, snap = _world()
+    own = snap.licenses[0]
+    free = _pool(m, used="0", expires=9000)
+    held = _pool(m, used="2", held=str(NOW + 30), expires=5000)
+    snap.licenses = [free, held, own]
+    assert _grant_or_reason(snap, m) == own["license_id"]  # takes no seat, although it ends first
+    snap.licenses = [free, held]
+    assert _grant_or_reason(snap, m) == held["license_id"]  # keeps the seat it has
+    snap.licenses = [free, {**held, "_held": ""}]
+    assert _grant_or_reason(snap, m) == free["license_id"]
+
+
+def test_family_rules_all_max_and_maintain():
+    m, snap = _world()
+    snap.model = {"status": "active", "family": "resnet", "version": "1.10", "released_at": str(int(NOW) - 100)}
+    every, upto_1_9, upto_1_10 = _family("all"), _family("max", max_version="1.9"), _family("max", max_version="1.10")
+    for lic, want in ((every, "grant"), (upto_1_9, "not_entitled"), (upto_1_10, "grant")):
+        snap.licenses = [lic]
+        got = _grant_or_reason(snap, m, "resnet-1.10")
+        assert got == (lic["license_id"] if want == "grant" else want), (lic, got)
+    # maintain: a version released before the license expired stays licensed after it, tokens uncapped
+    lapsed = _family("maintain", expires=-50)
+    snap.licenses = [lapsed]
+    out = _decide(snap, make_request(m.code, "resnet-1.10", m.sk, now=NOW))
+    assert isinstance(out, Grant) and out.lapsed
+    snap.model = {**snap.model, "released_at": str(int(NOW) - 10)}  # released after the license lapsed
+    assert _grant_or_reason(snap, m, "resnet-1.10") == "not_entitled"
+    assert _grant_or_reason(snap, m, "resnet-1.10") != "expired"
+    # an expired "all" license is just expired; another family's license covers nothing
+    snap.licenses = [_family("all", expires=-50)]
+    assert _grant_or_reason(snap, m, "resnet-1.10") == "expired"
+    snap.model = {**snap.model, "family": "vit"}
+    assert _grant_or_reason(snap, m, "resnet-1.10") == "not_entitled"
+
+
+def test_a_retired_version_is_refused_before_any_license_rule():
+    m, snap = _world()
+    snap.model = {"status": "retired", "family": "resnet", "version": "2"}
+    snap.licenses = [_family("all")]
+    assert _grant_or_reason(snap, m, "resnet-2") == "unknown_model"
+
+
+def test_an_offline_request_may_be_days_old_but_never_from_the_future():
+    m, snap = _world()
+    old = make_request(m.code, "mdl", m.sk, now=NOW - 3 * 86400)
+    assert _reason(_decide(snap, old)) == "stale_request"
+    assert isinstance(decide(snap, old, NOW, CFG, POLICY, _key, offline=True), Grant)
+    ahead = make_request(m.code, "mdl", m.sk, now=NOW + 3600)
+    assert _reason(decide(snap, ahead, NOW, CFG, POLICY, _key, offline=True)) == "stale_request"
+    # ops submitted it: a spent source budget does not apply, and a failure is still audited upstream
+    snap.source_failures = CFG.rate_unauth_per_min
+    assert isinstance(decide(snap, old, NOW, CFG, POLICY, _key, offline=True), Grant)
