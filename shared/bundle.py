@@ -7,6 +7,13 @@ Layout (all integers big-endian)::
 
 The header lists the locked tensors (name, dtype, shape, offset, length in the locked file),
 the sizes that fix the chunk layout, the per-bundle salt and the locked file's digest and MAC.
+An ncnn bundle (the locked file is the ``.bin``) also binds the SHA-256 of its ``.param``.
+
+Version 2 (written only when a lock covers part of a tensor: rows, columns, single elements)
+adds ``runs`` to a tensor entry: a flat list ``[start, length, start, length, ...]`` of byte
+ranges relative to the tensor's offset, sorted and disjoint.  Only those bytes are locked (and
+in the payload); the rest of the tensor is the locked file's own.  A bundle with whole tensors
+only is still written, and read, as version 1.
 The chunks themselves are sealed and opened by :mod:`layerlock.shared.chunks`.
 
 Parsing is defensive: every length and offset read from an untrusted bundle is bounded before it
@@ -28,15 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerlock.shared.activation import MODEL_ID_RE as _MODEL_ID_RE
 from layerlock.shared.errors import BundleFormatError, LockError
 from layerlock.shared.formats import ITEMSIZE, TensorInfo
+from layerlock.shared.ids import is_model_id
 
 MAGIC = b"LLKBNDL\n"
 VERSION = 1
+VERSION_RUNS = 2  # some tensor entries carry "runs" (a lock below whole tensors)
+RUN_CAP = 4_000_000  # runs in one bundle; the header cap bounds them too
 SUITE = "AES-256-GCM"
 KDF = "HKDF-SHA256"
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "ncnn")
 PREFIX = struct.Struct(">8sHI")
 HEADER_CAP = 32 * 1024 * 1024
 TENSOR_CAP = 500_000
@@ -49,14 +58,6 @@ CHECK = 32  # HMAC-SHA256 key check after the header
 SALT = 16
 
 BundleSource = Path | str | bytes | bytearray | memoryview
-
-
-def valid_model_id(value: object) -> bool:
-    """The model id rule, matched against the *whole* string.
-
-    ``MODEL_ID_RE`` ends in ``$``, which ``re.match`` also accepts before a trailing newline.
-    """
-    return isinstance(value, str) and _MODEL_ID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,19 @@ class BundleHeader:
     digest: bytes  # sha256 of magic..header: bound into every chunk's AAD
     header_size: int  # bytes before the key check
     locked_mac: bytes  # AES-GMAC tag of the locked file (key from the data key): what restore checks
+    # ncnn only: hex sha256 of the .param the locked .bin goes with (authenticated with the header)
+    param_digest: str | None = None
+    # Version 2: per tensor, the locked byte runs (absolute offset, length); None = the whole tensor.
+    runs: tuple[tuple[tuple[int, int], ...] | None, ...] = ()
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Every locked byte range of the locked file (absolute offset, length), in file order."""
+        if not self.runs:
+            return [(t.offset, t.length) for t in self.tensors]
+        out: list[tuple[int, int]] = []
+        for t, runs in zip(self.tensors, self.runs, strict=True):
+            out.extend(runs if runs is not None else ((t.offset, t.length),))
+        return out
 
     @property
     def bundle_size(self) -> int:
@@ -106,24 +120,40 @@ def representable(t: TensorInfo, file_size: int) -> bool:
     return True
 
 
-def _entry(t: TensorInfo) -> dict[str, Any]:
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "length": t.length}
+def _entry(t: TensorInfo, runs: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset,
+                             "length": t.length}
+    if runs is not None:
+        entry["runs"] = [v for run in runs for v in run]
+    return entry
 
 
 def header_bytes(model_id: str, fmt: str, locked_digest: str, locked_mac: bytes, locked_size: int,
-                 plain_size: int, chunk_size: int, salt: bytes, locked: list[TensorInfo]) -> bytes:
-    """Magic, version, length and the canonical JSON header: everything before the key check."""
+                 plain_size: int, chunk_size: int, salt: bytes, locked: list[TensorInfo],
+                 param_digest: str | None = None,
+                 runs: dict[str, list[tuple[int, int]]] | None = None) -> bytes:
+    """Magic, version, length and the canonical JSON header: everything before the key check.
+
+    ``param_digest`` (ncnn only, and required there): the .param's sha256, so the sidecar serves
+    the locked .bin only with the graph it was protected with.  ``runs``: tensor name -> locked
+    byte runs (start relative to the tensor, length) for tensors locked only in part; any makes
+    the bundle version 2.
+    """
+    if (fmt == "ncnn") != (param_digest is not None):
+        raise LockError("an ncnn bundle, and only an ncnn bundle, binds the digest of its .param")
     doc = {
         "model_id": model_id, "format": fmt, "locked_digest": locked_digest, "locked_mac": locked_mac.hex(),
         "locked_size": locked_size,
         "plain_size": plain_size, "chunk_size": chunk_size, "chunk_count": chunk_count(plain_size, chunk_size),
         "suite": SUITE, "kdf": KDF, "salt": salt.hex(),
-        "tensors": [_entry(t) for t in locked],
+        "tensors": [_entry(t, (runs or {}).get(t.name)) for t in locked],
     }
+    if param_digest is not None:
+        doc["param_digest"] = param_digest
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     if len(body) > HEADER_CAP:
         raise LockError(f"bundle header would be {len(body)} bytes, over the {HEADER_CAP}-byte cap")
-    return PREFIX.pack(MAGIC, VERSION, len(body)) + body
+    return PREFIX.pack(MAGIC, VERSION_RUNS if runs else VERSION, len(body)) + body
 
 
 # --- reading (untrusted input) ---------------------------------------------------------------------
@@ -212,8 +242,9 @@ def _parse(reader: BundleReader) -> BundleHeader:
     magic, version, n = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise BundleFormatError("not a layerlock bundle: bad magic")
-    if version != VERSION:
-        raise BundleFormatError(f"unsupported bundle version {version} (this build reads {VERSION})")
+    if version not in (VERSION, VERSION_RUNS):
+        raise BundleFormatError(f"unsupported bundle version {version} "
+                                f"(this build reads {VERSION} and {VERSION_RUNS})")
     if n > HEADER_CAP:
         raise BundleFormatError(f"bundle header length {n} exceeds the {HEADER_CAP}-byte cap")
     if PREFIX.size + n + CHECK > reader.size:
@@ -223,7 +254,7 @@ def _parse(reader: BundleReader) -> BundleHeader:
         doc = json.loads(body.decode("ascii"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BundleFormatError("bundle header is not valid JSON") from None
-    hdr = _validate(doc, hashlib.sha256(prefix + body).digest(), PREFIX.size + n)
+    hdr = _validate(doc, hashlib.sha256(prefix + body).digest(), PREFIX.size + n, version)
     if reader.size < hdr.bundle_size:
         raise BundleFormatError(f"bundle is truncated: {reader.size} bytes, header says {hdr.bundle_size}")
     if reader.size > hdr.bundle_size:
@@ -234,6 +265,7 @@ def _parse(reader: BundleReader) -> BundleHeader:
 _KEYS = {"model_id", "format", "locked_digest", "locked_mac", "locked_size", "plain_size", "chunk_size", "chunk_count",
          "suite", "kdf", "salt", "tensors"}
 _TENSOR_KEYS = {"name", "dtype", "shape", "offset", "length"}
+_NCNN_KEYS = _KEYS | {"param_digest"}
 
 
 def _int(doc: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
@@ -250,17 +282,18 @@ def _hex(doc: dict[str, Any], key: str, nbytes: int, what: str) -> str:
     return value
 
 
-def _validate(doc: Any, digest: bytes, header_size: int) -> BundleHeader:
-    if not isinstance(doc, dict) or set(doc) != _KEYS:
+def _validate(doc: Any, digest: bytes, header_size: int, version: int = VERSION) -> BundleHeader:
+    if not isinstance(doc, dict) or set(doc) != (_NCNN_KEYS if doc.get("format") == "ncnn" else _KEYS):
         raise BundleFormatError("bundle header has missing or unknown fields")
     model_id, fmt = doc["model_id"], doc["format"]
-    if not valid_model_id(model_id):
+    if not is_model_id(model_id):
         raise BundleFormatError("bundle header has an invalid model id")
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise BundleFormatError("bundle header names an unknown model format")
     if doc["suite"] != SUITE or doc["kdf"] != KDF:
         raise BundleFormatError(f"bundle uses an unsupported cipher suite (this build reads {SUITE})")
     locked_digest = _hex(doc, "locked_digest", 32, "locked-file digest")
+    param_digest = _hex(doc, "param_digest", 32, ".param digest") if fmt == "ncnn" else None
     locked_mac = _hex(doc, "locked_mac", TAG, "locked-file MAC")
     salt_hex = _hex(doc, "salt", SALT, "salt")
     locked_size = _int(doc, "locked_size")
@@ -273,21 +306,45 @@ def _validate(doc: Any, digest: bytes, header_size: int) -> BundleHeader:
     if not isinstance(raw, list) or not 1 <= len(raw) <= TENSOR_CAP:
         raise BundleFormatError(f"bundle header must list 1..{TENSOR_CAP} tensors")
     tensors = tuple(_tensor(e, locked_size) for e in raw)
+    runs = tuple(_runs(e, t, version) for e, t in zip(raw, tensors, strict=True))
+    if sum(len(r) for r in runs if r is not None) > RUN_CAP:
+        raise BundleFormatError(f"bundle header lists more than {RUN_CAP} runs")
+    if version == VERSION_RUNS and all(r is None for r in runs):
+        raise BundleFormatError("a version 2 bundle must lock part of a tensor")
     end, total, seen = 0, 0, set()
-    for t in tensors:
+    for t, r in zip(tensors, runs, strict=True):
         if t.offset < end or t.name in seen:
             raise BundleFormatError("bundle tensors overlap, repeat or are out of order")
-        end, total = t.offset + t.length, total + t.length
+        end, total = t.offset + t.length, total + (t.length if r is None else sum(n for _, n in r))
         seen.add(t.name)
     if total != plain_size:
         raise BundleFormatError("bundle tensor lengths do not add up to its payload size")
-    return BundleHeader(VERSION, model_id, fmt, locked_digest, locked_size, plain_size, chunk_size,
+    return BundleHeader(version, model_id, fmt, locked_digest, locked_size, plain_size, chunk_size,
                         count, SUITE, bytes.fromhex(salt_hex), tensors, digest, header_size,
-                        bytes.fromhex(locked_mac))
+                        bytes.fromhex(locked_mac), param_digest, runs if version == VERSION_RUNS else ())
+
+
+def _runs(entry: dict[str, Any], t: TensorInfo, version: int) -> tuple[tuple[int, int], ...] | None:
+    """A version 2 entry's locked byte runs as absolute (offset, length); None = the whole tensor."""
+    if "runs" not in entry:
+        return None
+    flat = entry["runs"]
+    if version != VERSION_RUNS or not isinstance(flat, list) or not flat or len(flat) % 2 \
+            or len(flat) > 2 * RUN_CAP:
+        raise BundleFormatError(f"bundle tensor {t.name!r} has malformed runs")
+    item, end, out = ITEMSIZE[t.dtype], 0, []
+    for i in range(0, len(flat), 2):
+        start, n = flat[i], flat[i + 1]
+        if (type(start) is not int or type(n) is not int or start < end or n <= 0 or start + n > t.length
+                or start % item or n % item):
+            raise BundleFormatError(f"bundle tensor {t.name!r} has runs out of order, overlapping or outside it")
+        out.append((t.offset + start, n))
+        end = start + n
+    return tuple(out)
 
 
 def _tensor(entry: Any, locked_size: int) -> TensorInfo:
-    if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
+    if not isinstance(entry, dict) or set(entry) - {"runs"} != _TENSOR_KEYS:
         raise BundleFormatError("bundle tensor entry has missing or unknown fields")
     name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
     if not isinstance(name, str) or not 0 < len(name) <= NAME_CAP:

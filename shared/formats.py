@@ -14,6 +14,9 @@ restoring is "copy the locked file, put the real bytes back", bit-exact by const
   (``float_data``...) are first normalised to ``raw_data`` with the optional ``onnx`` package;
   the restored bytes are then that normalised serialization, which loads to the same model.
   The wire-format walker lives in :mod:`layerlock.shared.onnxfile`.
+* ncnn: a ``.param`` (graph, text) + ``.bin`` (weights) pair; the ``.bin`` is the plain file (its
+  blobs located from the ``.param``, :mod:`layerlock.shared.ncnnfile`), the ``.param`` its
+  ``companion``, copied unchanged next to the locked ``.bin``.
 
 The decoys written over locked ranges live in :mod:`layerlock.shared.decoys`.
 """
@@ -31,7 +34,7 @@ from typing import Any, BinaryIO
 
 from layerlock.shared.errors import UnsupportedModel
 
-MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx", ".param")  # .param: an ncnn pair, found by name
 SAFETENSORS_HEADER_CAP = 100 * 1024 * 1024  # safetensors' own limit
 MAX_RANK = 1024  # far above any real tensor; bounds the cost of multiplying out a hostile shape
 
@@ -64,10 +67,14 @@ class TensorInfo:
 class PlainModel:
     """A model reduced to a plain file: ``path`` holds bytes that restore must reproduce."""
 
-    format: str  # "safetensors" | "onnx"
+    format: str  # "safetensors" | "onnx" | "ncnn"
     path: Path
     tensors: list[TensorInfo]
     temporary: bool  # path is a converted copy that the caller deletes
+    companion: Path | None = None  # ncnn: the .param that describes path (the .bin)
+    # Tensor names in the order the model runs them, where the input says (a state dict's own
+    # order; ONNX graph order is read by :func:`layerlock.shared.plan.execution_order`).
+    order: list[str] | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -78,6 +85,8 @@ def detect_format(path: Path) -> str:
         return "pytorch"
     if suffix == ".onnx":
         return "onnx"
+    if suffix in (".param", ".bin"):
+        return "ncnn"
     raise UnsupportedModel(f"{path.name}: unknown model format {suffix or '(no suffix)'!r}; "
                            f"expected one of {', '.join(MODEL_SUFFIXES)}")
 
@@ -143,7 +152,14 @@ def _shown(value: object, limit: int = 80) -> str:
 
 # --- PyTorch -----------------------------------------------------------------------------------
 def pytorch_to_safetensors(path: Path) -> bytes:
-    """A ``.pt``/``.pth`` state dict as safetensors bytes, read with ``weights_only=True`` only.
+    """A ``.pt``/``.pth`` state dict as safetensors bytes, read with ``weights_only=True`` only."""
+    return pytorch_state(path)[0]
+
+
+def pytorch_state(path: Path) -> tuple[bytes, list[str]]:
+    """A ``.pt``/``.pth`` state dict as safetensors bytes, and its names in the dict's own order.
+
+    Read with ``weights_only=True`` only.
 
     Why refuse instead of falling back: unpickling runs arbitrary code, and a model file from a
     customer or a model hub is exactly the untrusted input that exploits that.
@@ -167,7 +183,7 @@ def pytorch_to_safetensors(path: Path) -> bytes:
         raise UnsupportedModel(f"{path.name}: not a state dict (expected a dict of name -> tensor, "
                                "optionally under 'state_dict' or 'model')")
     # Clone: tied weights share storage, which safetensors refuses; the copy is the price of safety.
-    return bytes(save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
+    return bytes(save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})), list(state)
 
 
 def _state_dict(obj: Any, torch: Any) -> dict[str, Any] | None:
@@ -185,18 +201,28 @@ def _state_dict(obj: Any, torch: Any) -> dict[str, Any] | None:
 
 
 # --- any input -> plain file ---------------------------------------------------------------------
-def open_plain(src: Path, workdir: Path) -> PlainModel:
-    """Reduce ``src`` to a plain file, converting into ``workdir`` when the bytes must change."""
+def open_plain(src: Path, workdir: Path, weights: Path | None = None) -> PlainModel:
+    """Reduce ``src`` to a plain file, converting into ``workdir`` when the bytes must change.
+
+    ``weights``: an ncnn ``.param``'s ``.bin`` when it is not named like the ``.param``.
+    """
     if not src.is_file():
         raise UnsupportedModel(f"{src}: no such file")
     fmt = detect_format(src)
+    if weights is not None and fmt != "ncnn":
+        raise UnsupportedModel(f"{src.name}: a second file is only taken with an ncnn .param (its .bin)")
+    if fmt == "ncnn":
+        from layerlock.shared.ncnnfile import open_ncnn  # imports this module: import here
+
+        return open_ncnn(src, weights)
     if fmt == "safetensors":
         return PlainModel("safetensors", src, safetensors_index(src), temporary=False)
     if fmt == "pytorch":
         tmp = _temp_path(workdir, src, ".safetensors")
-        _write_new(tmp, pytorch_to_safetensors(src))
+        data, order = pytorch_state(src)
+        _write_new(tmp, data)
         try:
-            return PlainModel("safetensors", tmp, safetensors_index(tmp), temporary=True)
+            return PlainModel("safetensors", tmp, safetensors_index(tmp), temporary=True, order=order)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -60,14 +60,15 @@ from layerlock.shared.bundle import (
     header_bytes,
     read_header,
     representable,
-    valid_model_id,
 )
 from layerlock.shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, write_sealed
-from layerlock.shared.decoys import write_decoys
+from layerlock.shared.decoys import write_plan_decoys
 from layerlock.shared.errors import BundleFormatError, InvalidInput, LockError
 from layerlock.shared.formats import TensorInfo, create_new
+from layerlock.shared.ids import is_model_id
+from layerlock.shared.plan import describe, load_base, make_plan, mapped
 from layerlock.shared.restore import restore, restore_to
-from layerlock.shared.selection import LockPolicy, select
+from layerlock.shared.selection import LockPolicy
 
 __all__ = [
     "CHECK", "DEFAULT_CHUNK", "FORMATS", "HEADER_CAP", "KDF", "MAGIC", "MAX_CHUNK", "MIN_CHUNK", "NAME_CAP",
@@ -94,6 +95,13 @@ class ProtectResult:
     format: str
     # Selected but byte for byte the same in the locked file (empty tensors): not counted as locked.
     left_as_is: list[str] = field(default_factory=list)
+    # ncnn: NAME.locked.param, the .param copied unchanged (the locked pair is it + NAME.locked.bin).
+    param_path: Path | None = None
+    # What was locked, tensor by tensor (name, part, params, decoy; see plan.describe), the
+    # policy that chose it, and what protect has to say about it (tiny locks, buffers left alone).
+    locks: list[dict[str, object]] = field(default_factory=list)
+    policy: str = "default"
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -107,22 +115,26 @@ def default_model_id(src: Path) -> str:
 
 def protect(src: Path, out_dir: Path | None = None, *, model_id: str | None = None,
             policy: LockPolicy | None = None, data_key: bytes | None = None,
-            chunk_size: int = DEFAULT_CHUNK, progress: bool = False) -> ProtectResult:
-    """Write ``NAME.locked.{safetensors,onnx}`` and ``NAME.llk`` for ``src``; see the module doc."""
+            chunk_size: int = DEFAULT_CHUNK, progress: bool = False, weights: Path | None = None) -> ProtectResult:
+    """Write ``NAME.locked.{safetensors,onnx}`` and ``NAME.llk`` for ``src``; see the module doc.
+
+    ncnn: ``src`` is the ``.param`` (or the ``.bin``), ``weights`` the ``.bin`` if it is not
+    named like the ``.param``; writes ``NAME.locked.bin`` + ``NAME.locked.param`` + ``NAME.llk``.
+    """
     src = Path(src)
     out_dir = Path(out_dir) if out_dir is not None else src.parent
     if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
         raise InvalidInput(f"chunk size must be between {MIN_CHUNK} and {MAX_CHUNK} bytes")
     if model_id is None:
         model_id = default_model_id(src)
-    elif not valid_model_id(model_id):
+    elif not is_model_id(model_id):
         raise InvalidInput("model id must be 1-128 characters of letters, digits, '.', '_' or '-', "
                            "starting with a letter or digit")
     if data_key is not None and (not isinstance(data_key, bytes) or len(data_key) != KEY_BYTES):
         raise InvalidInput("data_key must be 32 bytes")
     key = secrets.token_bytes(KEY_BYTES) if data_key is None else data_key
     out_dir.mkdir(parents=True, exist_ok=True)
-    plain = formats.open_plain(src, out_dir)
+    plain = formats.open_plain(src, out_dir, Path(weights) if weights is not None else None)
     try:
         return _protect_plain(plain, src, out_dir, model_id, policy or LockPolicy(), key, chunk_size, progress)
     finally:
@@ -136,30 +148,42 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
     infos = {t.name: t for t in plain.tensors if representable(t, file_size)}
     if not infos:
         raise LockError(f"{src.name}: the model has no tensors that can be locked")
-    names = select(infos, policy)
-    locked = sorted((infos[n] for n in names), key=lambda t: (t.offset, t.length))  # empties first
-    suffix = ".onnx" if plain.format == "onnx" else ".safetensors"
+    base = load_base(Path(policy.base), out_dir) if policy.base is not None else None
+    with mapped(plain) as plan_view:
+        plan = make_plan(plain, plan_view, policy, infos, base)
+    locked = [lk.info for lk in plan.locks]  # file order, empties first
+    runs = {lk.name: r for lk in plan.locks if (r := lk.byte_runs()) is not None}
+    # The payload: every locked byte range in file order (whole tensors, or their runs).
+    pieces = [TensorInfo(t.name, t.dtype, t.shape, t.offset + s, n) for t in locked
+              for s, n in (runs.get(t.name) or [(0, t.length)])]
+    suffix = {"onnx": ".onnx", "ncnn": ".bin"}.get(plain.format, ".safetensors")
     locked_path = out_dir / f"{src.stem}.locked{suffix}"
     bundle_path = out_dir / f"{src.stem}.llk"
-    if src.resolve() in (locked_path.resolve(), bundle_path.resolve()):
+    param_path = out_dir / f"{src.stem}.locked.param" if plain.companion is not None else None
+    outputs = {o.resolve() for o in (locked_path, bundle_path, param_path) if o is not None}
+    if {src.resolve(), plain.path.resolve(), *([plain.companion.resolve()] if plain.companion else [])} & outputs:
         raise LockError(f"{src.name}: refusing to overwrite the input with an output")
     tmp_locked = out_dir / f".{locked_path.name}.tmp"
     tmp_bundle = out_dir / f".{bundle_path.name}.tmp"
-    plain_size = sum(t.length for t in locked)
-    bar = _bar(2 * plain_size, src.name, progress)
+    tmp_param = out_dir / f".{param_path.name}.tmp" if param_path is not None else None
+    param_digest = None
+    plain_size = sum(t.length for t in pieces)
+    bar = _bar(sum(t.length for t in locked) + plain_size, src.name, progress)
     try:
         create_new(tmp_locked).close()  # refuses a planted symlink; copyfile then writes this file
         shutil.copyfile(plain.path, tmp_locked)
+        if tmp_param is not None and plain.companion is not None:
+            param_digest = _copy_companion(plain.companion, tmp_param)
         with plain.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
-                left_as_is = write_decoys(view, locked, tmp_locked, key, bar)
+                left_as_is = write_plan_decoys(view, plan.locks, tmp_locked, key, plan.base, bar)
                 salt = secrets.token_bytes(SALT)
                 locked_digest, locked_mac, locked_size = _digest_file(tmp_locked, subkeys(key, salt)[2])
                 header = header_bytes(model_id, plain.format, locked_digest, locked_mac, locked_size,
-                                      plain_size, chunk_size, salt, locked)
+                                      plain_size, chunk_size, salt, locked, param_digest, runs or None)
                 with create_new(tmp_bundle) as out:
-                    write_sealed(out, header, view, locked, key, salt, chunk_size, bar)
+                    write_sealed(out, header, view, pieces, key, salt, chunk_size, bar)
                 _self_check(tmp_bundle)
             except BaseException as exc:
                 # Slices of the mapping live on in the traceback's frames; drop them, or closing
@@ -169,22 +193,37 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
                 raise
             finally:
                 view.release()
+        if tmp_param is not None and param_path is not None:
+            os.replace(tmp_param, param_path)
         os.replace(tmp_locked, locked_path)
         os.replace(tmp_bundle, bundle_path)
     except BaseException:
         tmp_locked.unlink(missing_ok=True)
         tmp_bundle.unlink(missing_ok=True)
+        if tmp_param is not None:
+            tmp_param.unlink(missing_ok=True)
         raise
     finally:
         if bar is not None:
             bar.close()
     same = set(left_as_is)
-    changed = [t for t in locked if t.name not in same]  # only what differs in the locked file counts
+    changed = [lk for lk in plan.locks if lk.name not in same]  # only what differs in the locked file counts
     return ProtectResult(model_id=model_id, source=src, locked_path=locked_path, bundle_path=bundle_path,
-                         data_key=key, locked_tensors=[t.name for t in changed],
-                         locked_params=sum(t.numel for t in changed),
+                         data_key=key, locked_tensors=[lk.name for lk in changed],
+                         locked_params=sum(lk.elements for lk in changed), policy=plan.policy,
+                         locks=[d for d in describe(plan) if d["name"] not in same], warnings=plan.warnings,
                          total_params=sum(t.numel for t in plain.tensors), format=plain.format,
-                         left_as_is=left_as_is)
+                         left_as_is=left_as_is, param_path=param_path)
+
+
+def _copy_companion(src: Path, tmp: Path) -> str:
+    """Copy an ncnn .param byte for byte; its sha256 (what the bundle binds) of exactly those bytes."""
+    from layerlock.shared.ncnnfile import read_param
+
+    data = read_param(src)
+    with create_new(tmp) as out:
+        out.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 class _Bar(Progress, Protocol):

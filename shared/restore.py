@@ -150,7 +150,8 @@ class _Writer:
         for _ in range(_POOL):
             self.pool.put(memoryview(bytearray(block)))
         self.queue: queue.SimpleQueue[tuple[memoryview, memoryview] | None] = queue.SimpleQueue()
-        self.current = memoryview(b"")
+        self.current: memoryview | None = None  # the buffer being filled ...
+        self.fill = 0  # ... up to here: small pieces (runs of a partial lock) share one hand-off
         self.thread = threading.Thread(target=self._loop, name="layerlock-restore-writer", daemon=True)
         self.thread.start()
 
@@ -167,13 +168,27 @@ class _Writer:
     def reserve(self, n: int) -> memoryview:
         if self.error is not None:
             raise self.error
-        self.current = self.pool.get()
-        return self.current[:n]
+        if self.current is None or self.fill + n > len(self.current):
+            self._hand_off()
+            self.current, self.fill = self.pool.get(), 0
+        return self.current[self.fill:self.fill + n]
 
     def commit(self, part: memoryview) -> None:
-        self.queue.put((part, self.current))
+        self.fill += len(part)
+        if self.current is not None and self.fill == len(self.current):
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Queue what the current buffer holds for writing (the thread returns it to the pool)."""
+        if self.current is not None:
+            if self.fill:
+                self.queue.put((self.current[:self.fill], self.current))
+            else:
+                self.pool.put(self.current)
+        self.current, self.fill = None, 0
 
     def finish(self) -> None:
+        self._hand_off()
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
@@ -195,11 +210,11 @@ class _Restorer:
         done = False
         try:
             pos = 0
-            for t in self.hdr.tensors:
-                self._kept(sink, pos, t.offset - pos)
-                self._kept(None, t.offset, t.length)
-                self._real(sink, t.length)
-                pos = t.offset + t.length
+            for offset, length in self.hdr.spans():  # whole tensors, or runs of them (version 2)
+                self._kept(sink, pos, offset - pos)
+                self._kept(None, offset, length)
+                self._real(sink, length)
+                pos = offset + length
             self._kept(sink, pos, self.hdr.locked_size - pos)
             if self.hdr.plain_size == 0:  # nothing but empty tensors: still authenticate the one chunk
                 self.chunks.open_into(memoryview(bytearray(0)))

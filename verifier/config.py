@@ -11,13 +11,14 @@ from __future__ import annotations
 import grp
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from layerlock.shared.activation import MODEL_ID_RE
 from layerlock.shared.errors import ConfigError
+from layerlock.shared.ids import RULE as MODEL_ID_RULE
+from layerlock.shared.ids import is_model_id
 
 DEFAULT_CONFIG = "/etc/layerlock/verifier.toml"
 DEFAULT_STATE_DIR = "/var/lib/layerlock"
@@ -31,6 +32,7 @@ class ModelConfig:
     id: str
     locked: Path
     bundle: Path
+    param: Path | None = None  # ncnn only: the .param served with the unlocked .bin
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Config:
     retry_min: float = 2.0
     retry_max: float = 300.0
     client_timeout: float = 10.0
+    #: How far the clock may read before the latest time seen before offline use stops (clock.py).
+    clock_tolerance: float = 300.0
 
 
 # key -> (types accepted, description); models are checked separately
@@ -71,6 +75,7 @@ _TOP: dict[str, tuple[tuple[type, ...], str]] = {
     "retry_min": ((int, float), "a number of seconds"),
     "retry_max": ((int, float), "a number of seconds"),
     "client_timeout": ((int, float), "a number of seconds"),
+    "clock_tolerance": ((int, float), "a number of seconds"),
     "models": ((list,), "an array of tables ([[models]])"),
 }
 _MODEL_KEYS = {"id", "locked", "bundle"}
@@ -100,27 +105,60 @@ def _file(issues: _Issues, base: Path, key: str, value: str) -> Path:
     return path
 
 
-def _check_header(issues: _Issues, key: str, model: ModelConfig) -> None:
-    """The bundle must be a layerlock bundle for this very model id (catches swapped paths)."""
+def _check_header(issues: _Issues, key: str, model: ModelConfig) -> Any:
+    """The bundle must be a layerlock bundle for this very model id (catches swapped paths).
+
+    Returns its (unauthenticated) header, or ``None`` when it is not one.
+    """
     try:  # the narrow module first: the facade also imports numpy (protect), ~0.1 s of start-up
         from layerlock.shared.bundle import read_header
     except ImportError:
         try:
             from layerlock.shared.lockfile import read_header
         except ImportError:
-            return
+            return None
     from layerlock.shared.errors import LayerlockError
 
     try:
         header = read_header(model.bundle)
     except LayerlockError as exc:
         issues.add(key, f"{model.bundle} is not a valid bundle ({exc.message})")
-        return
+        return None
     except OSError as exc:
         issues.add(key, f"{model.bundle} cannot be read ({exc.strerror})")
-        return
+        return None
     if header.model_id != model.id:
         issues.add(key, f"{model.bundle} is the bundle of model {header.model_id!r}, not {model.id!r}")
+    return header
+
+
+def _ncnn_param(issues: _Issues, base: Path, where: str, model: ModelConfig, value: str | None,
+                header: Any) -> Path | None:
+    """An ncnn model's .param: ``param`` if given, else the locked .bin's name with ``.param``; it
+    must be the very .param the model was protected with (the bundle binds its sha256)."""
+    fmt = getattr(header, "format", None)
+    if fmt != "ncnn":
+        if value is not None and fmt is not None:
+            issues.add(f"{where}.param", f"only ncnn models have a .param; {model.bundle} is a {fmt} model")
+        return None
+    if value is not None:
+        path = _file(issues, base, f"{where}.param", value)
+    else:
+        path = model.locked.with_suffix(".param")
+        if not path.is_file():
+            issues.add(f"{where}.param", f"file {path} does not exist (the ncnn model's .param; "
+                                         "set param = PATH if it lives elsewhere)")
+    if path.is_file():
+        import hashlib
+
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            issues.add(f"{where}.param", f"{path} cannot be read ({exc.strerror})")
+            return path
+        if digest != header.param_digest:
+            issues.add(f"{where}.param", f"{path} is not the .param model {model.id!r} was protected with")
+    return path
 
 
 def _models(issues: _Issues, base: Path, raw: list[Any]) -> tuple[ModelConfig, ...]:
@@ -133,8 +171,12 @@ def _models(issues: _Issues, base: Path, raw: list[Any]) -> tuple[ModelConfig, .
         if not isinstance(entry, dict):
             issues.add(where, f"must be a table with id, locked, bundle, got {type(entry).__name__}")
             continue
-        for unknown in sorted(set(entry) - _MODEL_KEYS):
-            issues.add(f"{where}.{unknown}", "unknown key (expected id, locked, bundle)")
+        for unknown in sorted(set(entry) - _MODEL_KEYS - {"param"}):
+            issues.add(f"{where}.{unknown}", "unknown key (expected id, locked, bundle, param)")
+        param = entry.get("param")
+        if param is not None and not isinstance(param, str):
+            issues.add(f"{where}.param", f"must be a string, got {type(param).__name__}")
+            param = None
         ok = True
         for key in sorted(_MODEL_KEYS):
             if key not in entry:
@@ -146,8 +188,8 @@ def _models(issues: _Issues, base: Path, raw: list[Any]) -> tuple[ModelConfig, .
         if not ok:
             continue
         model_id = entry["id"]
-        if not MODEL_ID_RE.fullmatch(model_id):
-            issues.add(f"{where}.id", "must be 1-128 letters, digits, '.', '_' or '-'")
+        if not is_model_id(model_id):
+            issues.add(f"{where}.id", f"must be {MODEL_ID_RULE}")
         elif model_id in seen:
             issues.add(f"{where}.id", f"model {model_id!r} is listed twice")
         seen.add(model_id)
@@ -155,7 +197,8 @@ def _models(issues: _Issues, base: Path, raw: list[Any]) -> tuple[ModelConfig, .
         model = ModelConfig(model_id, _file(issues, base, f"{where}.locked", entry["locked"]),
                             _file(issues, base, f"{where}.bundle", entry["bundle"]))
         if len(issues.items) == before:
-            _check_header(issues, f"{where}.bundle", model)
+            header = _check_header(issues, f"{where}.bundle", model)
+            model = replace(model, param=_ncnn_param(issues, base, where, model, param, header))
         out.append(model)
     return tuple(out)
 
@@ -234,7 +277,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             issues.add("max_connections_per_uid",
                        f"must be between 1 and {MAX_CONNECTIONS} (the sidecar's limit for all peers together)")
         kwargs["max_connections_per_uid"] = typed["max_connections_per_uid"]
-    for key in ("request_timeout", "retry_min", "retry_max", "client_timeout", "leeway"):
+    for key in ("request_timeout", "retry_min", "retry_max", "client_timeout", "leeway", "clock_tolerance"):
         if key in typed:
             if typed[key] < 0 or (typed[key] == 0 and key != "leeway"):
                 issues.add(key, "must be positive")

@@ -9,12 +9,15 @@ all of that could only have been issued to this machine for this model.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from layerlock.shared.errors import WrapError
+from layerlock.shared.errors import LockedFileMismatch, UnsupportedModel, WrapError
+from layerlock.shared.ncnnfile import container_head, read_param
 from layerlock.shared.tokens import LicenseClaims, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
 from layerlock.verifier.memory import SealedModel
@@ -39,9 +42,38 @@ def accept_token(token: str, *, keys: Mapping[str, ed25519.Ed25519PublicKey], ke
     return claims, data_key
 
 
-def restore_model(model_id: str, locked: Path, bundle: Path, data_key: bytes) -> SealedModel:
-    """Restore the original model bytes straight into a sealed memfd (never onto disk)."""
+def restore_model(model_id: str, locked: Path, bundle: Path, data_key: bytes,
+                  param: Path | None = None) -> SealedModel:
+    """Restore the original model bytes straight into a sealed memfd (never onto disk).
+
+    An ncnn model is served as one container, its ``.param`` (``param``, default: the locked
+    ``.bin``'s name with ``.param``) and the unlocked ``.bin`` (PROTOCOL.md, "ncnn models"); the
+    ``.param`` must be the one the bundle binds.
+    """
     header = read_header(bundle)
     if header.model_id != model_id:
         raise WrapError(f"bundle {bundle} belongs to model {header.model_id!r}, not {model_id!r}")
-    return SealedModel(model_id, header.format, lambda out: restore_to(locked, bundle, data_key, out))
+    if header.format != "ncnn":
+        return SealedModel(model_id, header.format, lambda out: restore_to(locked, bundle, data_key, out))
+    head = container_head(_ncnn_param(model_id, Path(locked), param, header.param_digest), header.locked_size)
+
+    def fill(out: BinaryIO) -> None:
+        view = memoryview(head)
+        while len(view):  # a raw write may be short
+            view = view[out.write(view) or 0:]
+        restore_to(locked, bundle, data_key, out)
+
+    return SealedModel(model_id, "ncnn", fill)
+
+
+def _ncnn_param(model_id: str, locked: Path, param: Path | None, digest: str | None) -> bytes:
+    path = param if param is not None else locked.with_suffix(".param")
+    try:
+        data = read_param(path)
+    except OSError as exc:
+        raise LockedFileMismatch(f"cannot read the .param of ncnn model {model_id} ({path}): {exc.strerror}") from None
+    except UnsupportedModel as exc:
+        raise LockedFileMismatch(exc.message) from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise LockedFileMismatch(f"{path.name} is not the .param ncnn model {model_id} was protected with")
+    return data
