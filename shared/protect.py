@@ -1,6 +1,7 @@
 """Protect one model file or every model under a directory.
 
-A directory is scanned recursively for ``.safetensors``/``.pt``/``.pth``/``.onnx``.  Our own
+A directory is scanned recursively for ``.safetensors``/``.pt``/``.pth``/``.onnx`` and ncnn
+``.param`` files (each paired with the ``.bin`` of the same name).  Our own
 outputs (``*.locked.*``), hidden files (our temporaries) and models that already have a bundle
 next to where their outputs would go are skipped, so running protect twice over a tree is safe
 and does not mint a second data key for a model already shipped.  One bad file does not stop
@@ -46,8 +47,11 @@ def find_models(root: Path) -> list[Path]:
 
 def protect_path(path: Path, out_dir: Path | None = None, *, model_id: str | None = None,
                  policy: LockPolicy | None = None, progress: bool = False, force: bool = False,
-                 on_result: Callable[[ProtectResult], None] | None = None) -> list[Outcome]:
+                 on_result: Callable[[ProtectResult], None] | None = None,
+                 weights: Path | None = None) -> list[Outcome]:
     """Protect a file (errors raise) or a directory (errors are recorded per file).
+
+    ``weights``: the ``.bin`` of an ncnn ``.param`` given as ``path``, when not named like it.
 
     An existing bundle is never replaced silently: it may be the only copy matching a locked
     model already shipped (a new protect run means a new data key).  A single file then needs
@@ -57,6 +61,8 @@ def protect_path(path: Path, out_dir: Path | None = None, *, model_id: str | Non
     if path.is_dir():
         if model_id is not None:
             raise InvalidInput("--model-id names one model; it cannot be used with a directory")
+        if weights is not None:
+            raise InvalidInput("a weights file goes with one ncnn .param, not with a directory")
         outcomes = []
         for src in find_models(path):
             dest = out_dir / src.parent.relative_to(path) if out_dir is not None else src.parent
@@ -74,12 +80,12 @@ def protect_path(path: Path, out_dir: Path | None = None, *, model_id: str | Non
     if bundle.exists() and not force:
         raise InvalidInput(f"{bundle} already exists (the model is already protected); "
                            "use --force to protect it again with a new data key")
-    return [_one(path, out_dir, model_id, policy, progress, on_result)]
+    return [_one(path, out_dir, model_id, policy, progress, on_result, weights)]
 
 
 def _one(src: Path, out_dir: Path | None, model_id: str | None, policy: LockPolicy | None, progress: bool,
-         on_result: Callable[[ProtectResult], None] | None) -> Outcome:
-    result = protect(src, out_dir, model_id=model_id, policy=policy, progress=progress)
+         on_result: Callable[[ProtectResult], None] | None, weights: Path | None = None) -> Outcome:
+    result = protect(src, out_dir, model_id=model_id, policy=policy, progress=progress, weights=weights)
     if on_result is not None:
         on_result(result)
     return Outcome(src, "ok", result)

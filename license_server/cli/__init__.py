@@ -1,6 +1,6 @@
 """``layerlock``: the vendor and ops command line.
 
-``protect`` works on local files; every other command talks to the REST API (``--server``,
+``protect`` and ``harden`` work on local files; every other command talks to the REST API (``--server``,
 ``LAYERLOCK_API_KEY``), except ``init`` and ``serve`` which manage a server's own data dir.
 """
 
@@ -10,8 +10,10 @@ import click
 
 from layerlock.license_server.cli.admin import init, serve
 from layerlock.license_server.cli.demo import demo
-from layerlock.license_server.cli.ops import audit, keys, licenses, machines, models
+from layerlock.license_server.cli.harden import harden
+from layerlock.license_server.cli.ops import activate_offline, audit, keys, licenses, machines, models, webhooks
 from layerlock.license_server.cli.protect import protect
+from layerlock.license_server.cli.strength import assess, inspect
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,5 +23,8 @@ def main() -> None:
 
 
 main.add_command(protect)
-for _cmd in (init, serve, demo, keys, machines, models, licenses, audit):
+main.add_command(inspect)
+main.add_command(assess)
+main.add_command(harden)
+for _cmd in (init, serve, demo, keys, machines, models, licenses, audit, activate_offline, webhooks):
     main.add_command(_cmd)

@@ -27,6 +27,7 @@ from layerlock.shared.selection import LockPolicy
 from layerlock.shared.wrap import seal_for_server
 
 HTTP_TIMEOUT_S = 30
+_SHOWN = 20  # locked tensors listed in the text output
 
 
 def load_intake_key(path: Path) -> x25519.X25519PublicKey:
@@ -132,18 +133,29 @@ def _or_discard(result: ProtectResult) -> Iterator[None]:
     except BaseException:
         result.locked_path.unlink(missing_ok=True)
         result.bundle_path.unlink(missing_ok=True)
+        if result.param_path is not None:
+            result.param_path.unlink(missing_ok=True)
         raise
 
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("path", type=click.Path(path_type=Path))
+@click.argument("weights", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write outputs (default: next to each input; a directory tree is mirrored).")
 @click.option("--model-id", help="Model id for a single file (default: file stem + random suffix).")
 @click.option("--layers", metavar="START:COUNT",
-              help="Lock COUNT layers from layer START (layers = tensor name prefixes, natural order).")
+              help="Lock COUNT layers from layer START (layers as `layerlock inspect` lists them: execution "
+                   "order where the format knows it, else natural name order).")
 @click.option("--pattern", "patterns", multiple=True, metavar="GLOB",
               help="Also lock tensors whose name matches GLOB (fnmatch; repeatable).")
+@click.option("--base", "base", type=click.Path(dir_okay=False, path_type=Path),
+              help="The public base this model was fine-tuned from: lock only what differs from it (rows that "
+                   "changed, tensors it lacks), with the base's own values as decoys.")
+@click.option("--base-min-change", type=click.FloatRange(0, None), default=0.0, show_default=True,
+              help="With --base: leave clear rows whose relative change from the base is below this.")
+@click.option("--include-int", is_flag=True,
+              help="Integer and bool buffers may be locked too (decoys stay within the values seen).")
 @click.option("--intake-key", type=click.Path(dir_okay=False, path_type=Path),
               help="Seal the data key to this server intake public key (intake.pub) -> NAME.key.sealed.")
 @click.option("--register", metavar="URL", help="Seal the data key and register the model at this server.")
@@ -156,19 +168,25 @@ def _or_discard(result: ProtectResult) -> Iterator[None]:
 @click.option("--force", is_flag=True, help="Protect a single file again even if its bundle exists (new key).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is also off when stderr is not a TTY).")
-def protect(path: Path, out_dir: Path | None, model_id: str | None, layers: str | None, patterns: tuple[str, ...],
+def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: str | None, layers: str | None,
+            patterns: tuple[str, ...], base: Path | None, base_min_change: float, include_int: bool,
             intake_key: Path | None, register: str | None, api_key: str | None, data_key_out: Path | None,
             name: str | None, model_version: str, force: bool, as_json: bool, no_progress: bool) -> None:
     """Lock a model so a copy is worthless without a license.
 
-    PATH is a .safetensors, .pt/.pth state dict or .onnx file, or a directory scanned for them.
-    Writes NAME.locked.safetensors (or .onnx) -- same tensor names, shapes and dtypes, selected
-    tensors replaced by decoys -- and NAME.llk, the encrypted restoration bundle.  The data key
+    PATH is a .safetensors, .pt/.pth state dict or .onnx file, an ncnn .param (WEIGHTS is its
+    .bin; default: the .bin of the same name), or a directory scanned for all of them (ncnn
+    pairs by name).  Writes NAME.locked.safetensors (or .onnx; for ncnn NAME.locked.bin plus the
+    .param copied as NAME.locked.param) -- same tensor names, shapes and dtypes, selected tensors
+    replaced by decoys -- and NAME.llk, the encrypted restoration bundle.  The data key
     is never printed: choose exactly one of --intake-key, --register or --data-key-out.
 
-    Without --layers/--pattern a default policy locks the first and last weight layers, every
-    other layer between them and, if needed, more layers until at least half the parameters are
-    locked.
+    Without --layers/--pattern/--base the default policy locks the model's input interface: the
+    70% of embedding rows (tokens) or 45% of the first layer's input columns with the largest
+    norms, small position tables and the output head whole (`layerlock inspect` shows it
+    first; `layerlock assess` measures it).  With --base it locks what differs from the base.
+    Integer and bool buffers are left alone unless --include-int (or a --pattern naming one
+    exactly).
     """
     chosen = [opt for opt, value in (("--intake-key", intake_key), ("--register", register),
                                      ("--data-key-out", data_key_out)) if value is not None]
@@ -179,12 +197,18 @@ def protect(path: Path, out_dir: Path | None, model_id: str | None, layers: str 
         raise click.UsageError("--register needs --api-key or LAYERLOCK_API_KEY")
     try:
         if path.is_dir() and not find_models(path):  # before any key destination is created or contacted
-            raise InvalidInput(f"no model files (.safetensors, .pt, .pth, .onnx) under {path}")
-        policy = (LockPolicy.parse_layers(layers, patterns) if layers is not None
-                  else LockPolicy(patterns=tuple(patterns)))
+            raise InvalidInput(f"no model files (.safetensors, .pt, .pth, .onnx, ncnn .param) under {path}")
+        policy = (LockPolicy.parse_layers(layers, patterns, include_int) if layers is not None
+                  else LockPolicy(patterns=tuple(patterns), include_int=include_int))
+        if base is not None:
+            if layers is not None or patterns:
+                raise InvalidInput("--base chooses what to lock itself: drop --layers/--pattern")
+            if not base.is_file():
+                raise InvalidInput(f"--base {base}: no such file")
+            policy = LockPolicy(include_int=include_int, base=str(base), base_min_change=base_min_change)
         on_result, where = _sink(intake_key, register, api_key, data_key_out, path.is_dir(), name, model_version)
         outcomes = protect_path(path, out_dir, model_id=model_id, policy=policy, progress=not no_progress,
-                                force=force, on_result=on_result)
+                                force=force, on_result=on_result, weights=weights)
     except LayerlockError as exc:
         _fail(exc.message)
     except OSError as exc:
@@ -196,6 +220,8 @@ def protect(path: Path, out_dir: Path | None, model_id: str | None, layers: str 
     else:
         _describe(outcomes[0], where)
     for o in outcomes:
+        for warning in o.result.warnings if o.result is not None else []:
+            click.echo(f"warning: {o.source}: {warning}", err=True)
         if o.status == "error":
             click.echo(f"error: {o.source}: {o.message}", err=True)
     if any(o.status == "error" for o in outcomes):
@@ -213,7 +239,10 @@ def _as_dict(o: Outcome, where: dict[Path, str]) -> dict[str, Any]:
         r = o.result
         d.update(model_id=r.model_id, format=r.format, locked=str(r.locked_path), bundle=str(r.bundle_path),
                  locked_tensors=len(r.locked_tensors), locked_params=r.locked_params,
-                 total_params=r.total_params, fraction=round(r.fraction, 6), data_key=where.get(o.source))
+                 total_params=r.total_params, fraction=round(r.fraction, 6), data_key=where.get(o.source),
+                 policy=r.policy, locked_names=list(r.locked_tensors), locks=r.locks, warnings=r.warnings)
+        if r.param_path is not None:
+            d["param"] = str(r.param_path)
     if o.message:
         d["message"] = o.message
     return d
@@ -223,9 +252,17 @@ def _describe(o: Outcome, where: dict[Path, str]) -> None:
     r = o.result
     assert r is not None
     click.echo(f"protected {r.source} -> {r.locked_path} + {r.bundle_path}")
+    if r.param_path is not None:
+        click.echo(f"  graph:     {r.param_path} (the .param, unchanged: ship it with the locked .bin)")
     click.echo(f"  model id:  {r.model_id}")
     click.echo(f"  locked:    {len(r.locked_tensors)} tensors, {r.locked_params:,} of {r.total_params:,} "
-               f"parameters ({100 * r.fraction:.1f}%)")
+               f"parameters ({100 * r.fraction:.1f}%; {r.policy} policy)")
+    shown = r.locks[:_SHOWN]
+    for lock in shown:
+        click.echo(f"             {lock['name']}  {lock['part']}  ({int(str(lock['params'])):,} parameters"
+                   f"{', base values as decoys' if lock.get('decoy') == 'base' else ''})")
+    if len(r.locks) > len(shown):
+        click.echo(f"             ... and {len(r.locks) - len(shown)} more (--json lists them all)")
     click.echo(f"  data key:  {where.get(r.source, '?')}")
 
 

@@ -40,7 +40,7 @@ def test_locked_count_is_the_number_of_tensors_that_differ(tmp_path):
     src = tmp_path / "const.safetensors"
     stnp.save_file(_tensors(), src)
     for run in range(5):  # a fresh data key each time
-        res = protect(src, tmp_path / f"o{run}", policy=LockPolicy(patterns=("*",)))
+        res = protect(src, tmp_path / f"o{run}", policy=LockPolicy(patterns=("*",), include_int=True))
         differ = _differing(src, res.locked_path)
         assert sorted(res.locked_tensors) == sorted(differ)
         assert set(_tensors()) - set(differ) == {"empty.weight"} and res.left_as_is == ["empty.weight"]
@@ -53,7 +53,8 @@ def test_locked_count_is_the_number_of_tensors_that_differ(tmp_path):
 def test_protect_cli_reports_the_true_count(tmp_path):
     src = tmp_path / "m.safetensors"
     stnp.save_file(_tensors(), src)
-    res = CliRunner().invoke(main, ["protect", str(src), "--pattern", "*", "--data-key-out", str(tmp_path / "k"),
+    res = CliRunner().invoke(main, ["protect", str(src), "--pattern", "*", "--include-int",
+                                    "--data-key-out", str(tmp_path / "k"),
                                     "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)[0]

@@ -6,7 +6,7 @@ import pytest
 
 from layerlock.shared.errors import InvalidInput
 from layerlock.shared.formats import TensorInfo
-from layerlock.shared.selection import DEFAULT_MIN_FRACTION, LockPolicy, group_layers, layer_of, select
+from layerlock.shared.selection import LockPolicy, group_layers, input_tensors, layer_of, select
 
 
 @pytest.mark.parametrize("name,layer", [
@@ -61,21 +61,18 @@ def test_parse_layers():
             LockPolicy.parse_layers(bad)
 
 
-def _params(t, names):
-    import math
-    return sum(math.prod(t[n]) for n in names)
-
-
-def test_default_policy_locks_ends_alternates_and_half_the_params():
+def test_default_policy_looks_at_the_input_interface():
+    """Name level: the tensors the value-aware default (shared/plan.py, tests/shared/test_plan.py) slices."""
     t = _transformer()
-    chosen = select(t, LockPolicy())
-    # Weight layers in natural order: embed, head, layer.0 .. layer.11 -> first, last, every other.
-    assert "embed.weight" in chosen and "layer.11.attn.weight" in chosen
-    assert "layer.0.attn.weight" in chosen and "layer.1.attn.weight" not in chosen
-    assert _params(t, chosen) / _params(t, t) >= DEFAULT_MIN_FRACTION
-    # Small ends, one big middle layer: the top-up picks it to reach half the parameters.
-    lopsided = {"a.weight": (4, 4), "b.weight": (10, 10), "c.weight": (1000, 1000), "d.weight": (4, 4)}
-    assert "c.weight" in select(lopsided, LockPolicy())
+    assert select(t, LockPolicy()) == ["embed.weight"]  # an embedding table: where input enters
+    assert input_tensors({"b.weight": (4, 4), "a.weight": (4, 4)}) == ["a.weight"]  # no order known: by name
+    assert input_tensors({"b.weight": (4, 4), "a.weight": (4, 4)}, order=["b.weight", "a.weight"]) == ["b.weight"]
+
+
+def test_group_layers_in_execution_order():
+    names = ["head.weight", "stem.weight", "layer.1.w", "layer.0.w"]
+    order = ["stem.weight", "layer.0.w", "layer.1.w", "head.weight"]
+    assert [k for k, _ in group_layers(names, order)] == ["stem", "layer.0", "layer.1", "head"]
 
 
 def test_default_policy_uses_tensor_info_and_skips_int_buffers():
