@@ -174,8 +174,9 @@ def decoy_blocks(info: TensorInfo, mean: float, std: float, rng: np.random.Gener
 
 
 # --- plans: partial locks, base decoys, decoys that do not stand out ------------------------------------
-SPECTRAL_CAP = 1 << 24  # whole rank-2 tensors up to this many elements get spectrum-matched decoys ...
-SPECTRAL_DIM = 2048  # ... when their smaller side is at most this (the SVD stays well under a second)
+SPECTRAL_CAP = 1 << 20  # whole rank-2 tensors up to this many elements get spectrum-matched decoys ...
+SPECTRAL_DIM = 1024  # ... when their smaller side is at most this (SVD + QR: about a second at most;
+# a 4096 x 1024 matrix took 17 s, so larger ones get the streamed mean/std decoys)
 _QUANTILES = 1025
 
 

@@ -53,7 +53,7 @@ def test_masks_and_detector():
 
 
 def test_digits_battery_every_attack(digits_model, tmp_path):
-    r = cli("assess", str(digits_model), "--task", "digits", "--budgets", "0.1", "--seeds", "1", "--steps", "40",
+    r = cli("assess", str(digits_model), "--task", "digits", "--budgets", "0.1", "--seeds", "1", "--steps", "20",
             "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
