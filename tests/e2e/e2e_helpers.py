@@ -162,6 +162,16 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return out
 
 
+def ops(server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The ops CLI (`layerlock …`) against ``server`` with its admin key, as a subprocess."""
+    env = {**ENV, "LAYERLOCK_SERVER": server.url, "LAYERLOCK_API_KEY": server.admin_key}
+    out = subprocess.run([PY, "-m", "layerlock.license_server.cli", *args], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
 @dataclass
 class Sidecar:
     """``layerlock-verifier run`` as a subprocess; :meth:`start` returns once it sent READY=1."""

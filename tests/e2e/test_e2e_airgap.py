@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 
 import requests
 from e2e_deploy import deploy
-from e2e_helpers import ENV, MODEL_ID, PY, REPO, cleanup, cli, run_client, wait_for
+from e2e_helpers import MODEL_ID, cleanup, cli, ops, run_client, wait_for
 
 from tests.conftest import free_port
-
-
-def _ops(server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**ENV, "LAYERLOCK_SERVER": server.url, "LAYERLOCK_API_KEY": server.admin_key}
-    out = subprocess.run([PY, "-m", "layerlock.license_server.cli", *args], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
 
 
 def test_air_gapped_request_response_import_unlocks_and_renews(license_server, tmp_path):
@@ -43,12 +33,12 @@ def test_air_gapped_request_response_import_unlocks_and_renews(license_server, t
         assert out["machine"] == dep.machine and json.loads(req.read_text())["request"]["nonce"] == out["nonce"]
         # ... ops answer it wherever the server is ...
         resp = work / "resp.llt"
-        _ops(license_server, "activate-offline", str(req), "--out", str(resp))
+        ops(license_server, "activate-offline", str(req), "--out", str(resp))
         answer = json.loads(resp.read_text())
         assert answer["license_id"] == lic
         assert answer["expires_at"] - time.time() > 9 * 86_400  # airgap_ttl, not the hour of offline grace
         # ... once: the nonce is burnt (a replay is refused, and audited: ops submitted it)
-        again = _ops(license_server, "activate-offline", str(req), "--out", str(work / "again.llt"), check=False)
+        again = ops(license_server, "activate-offline", str(req), "--out", str(work / "again.llt"), check=False)
         assert again.returncode == 1 and "replay" in again.stderr
         # site: import verifies the token like an online one; the running sidecar unlocks with it
         imported = json.loads(cli("import", str(resp), "--state-dir", str(dep.state_dir), "--json").stdout)
@@ -62,7 +52,7 @@ def test_air_gapped_request_response_import_unlocks_and_renews(license_server, t
         exp = dep.sidecar.model_state()["expires_at"]
         time.sleep(1.1)
         cli("request", "--model", MODEL_ID, "--out", str(work / "req2.llr"), "--state-dir", str(dep.state_dir))
-        _ops(license_server, "activate-offline", str(work / "req2.llr"), "--out", str(work / "resp2.llt"))
+        ops(license_server, "activate-offline", str(work / "req2.llr"), "--out", str(work / "resp2.llt"))
         cli("import", str(work / "resp2.llt"), "--state-dir", str(dep.state_dir))
         assert wait_for(lambda: dep.sidecar.model_state()["expires_at"] > exp, timeout=10)
         assert run_client(MODEL_ID, dep.socket)["sha256"] == want

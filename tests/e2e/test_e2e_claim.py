@@ -6,23 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 
-from e2e_helpers import ENV, MODEL_ID, PY, REPO, Sidecar, cleanup, cli, make_model, public_dir, run_client, write_config
+from e2e_helpers import (
+    MODEL_ID,
+    Sidecar,
+    cleanup,
+    cli,
+    make_model,
+    ops,
+    public_dir,
+    run_client,
+    write_config,
+)
 
 from layerlock.shared.keys import b64u_decode, x25519_public
 from layerlock.shared.lockfile import protect
 from layerlock.shared.machine import machine_code
 from layerlock.shared.wrap import seal_for_server
-
-
-def ops(server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**ENV, "LAYERLOCK_SERVER": server.url, "LAYERLOCK_API_KEY": server.admin_key}
-    out = subprocess.run([PY, "-m", "layerlock.license_server.cli", *args], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
 
 
 def test_bare_code_plus_claim_flow_with_the_real_clis(license_server, tmp_path):
