@@ -83,12 +83,13 @@ def create_app(config: ServerConfig, *, redis_client: RedisClient | None = None)
         machines,
         models,
         system,
+        trace,
         webhooks,
     )
     from layerlock.license_server.console import bp as console_bp
 
     for bp in (system.bp, machines.bp, enroll.bp, models.bp, licenses.bp, activation.bp, audit.bp, keys.bp,
-               webhooks.bp, console_bp):
+               webhooks.bp, trace.bp, console_bp):
         app.register_blueprint(bp)
     _register_errors(app)
     _register_logging(app)

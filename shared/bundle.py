@@ -9,6 +9,11 @@ The header lists the locked tensors (name, dtype, shape, offset, length in the l
 the sizes that fix the chunk layout, the per-bundle salt and the locked file's digest and MAC.
 An ncnn bundle (the locked file is the ``.bin``) also binds the SHA-256 of its ``.param``.
 
+Version 3 adds ``fingerprint``: ``[{"tensor": i, "index": base64url of uint32 LE}, ...]``, the
+flat element indices (sorted) of locked tensor ``i`` whose real values are *not* in the payload
+(decoys are): each license's token carries its own values for them
+(:mod:`layerlock.shared.fingerprint`).  A version 3 header may have runs too.
+
 Version 2 (written only when a lock covers part of a tensor: rows, columns, single elements)
 adds ``runs`` to a tensor entry: a flat list ``[start, length, start, length, ...]`` of byte
 ranges relative to the tensor's offset, sorted and disjoint.  Only those bytes are locked (and
@@ -24,6 +29,9 @@ A header is *sanity-checked* here but only *authenticated* once a data key check
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
 import hashlib
 import io
 import json
@@ -31,6 +39,8 @@ import math
 import os
 import re
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,8 @@ from layerlock.shared.ids import is_model_id
 MAGIC = b"LLKBNDL\n"
 VERSION = 1
 VERSION_RUNS = 2  # some tensor entries carry "runs" (a lock below whole tensors)
+VERSION_FP = 3  # a "fingerprint" member: positions the license server's token fills in
+FP_CAP = 65536  # fingerprint positions in one bundle
 RUN_CAP = 4_000_000  # runs in one bundle; the header cap bounds them too
 SUITE = "AES-256-GCM"
 KDF = "HKDF-SHA256"
@@ -82,6 +94,17 @@ class BundleHeader:
     param_digest: str | None = None
     # Version 2: per tensor, the locked byte runs (absolute offset, length); None = the whole tensor.
     runs: tuple[tuple[tuple[int, int], ...] | None, ...] = ()
+    # Version 3: (index into ``tensors``, sorted flat element indices) of the fingerprint positions.
+    fingerprint: tuple[tuple[int, array[int]], ...] = ()
+
+    def fingerprint_sites(self) -> list[tuple[int, int, array[int]]]:
+        """(absolute byte offset of the tensor, item size, element indices) per fingerprint site."""
+        return [(self.tensors[i].offset, ITEMSIZE[self.tensors[i].dtype], idx) for i, idx in self.fingerprint]
+
+    @property
+    def fingerprint_bytes(self) -> int:
+        """Bytes of fingerprint values a token must carry for this bundle (0: none)."""
+        return sum(ITEMSIZE[self.tensors[i].dtype] * len(idx) for i, idx in self.fingerprint)
 
     def spans(self) -> list[tuple[int, int]]:
         """Every locked byte range of the locked file (absolute offset, length), in file order."""
@@ -131,13 +154,15 @@ def _entry(t: TensorInfo, runs: list[tuple[int, int]] | None = None) -> dict[str
 def header_bytes(model_id: str, fmt: str, locked_digest: str, locked_mac: bytes, locked_size: int,
                  plain_size: int, chunk_size: int, salt: bytes, locked: list[TensorInfo],
                  param_digest: str | None = None,
-                 runs: dict[str, list[tuple[int, int]]] | None = None) -> bytes:
+                 runs: dict[str, list[tuple[int, int]]] | None = None,
+                 fingerprint: dict[str, Any] | None = None) -> bytes:
     """Magic, version, length and the canonical JSON header: everything before the key check.
 
     ``param_digest`` (ncnn only, and required there): the .param's sha256, so the sidecar serves
     the locked .bin only with the graph it was protected with.  ``runs``: tensor name -> locked
     byte runs (start relative to the tensor, length) for tensors locked only in part; any makes
-    the bundle version 2.
+    the bundle version 2.  ``fingerprint``: tensor name -> flat element indices whose values the
+    payload does not hold (version 3).
     """
     if (fmt == "ncnn") != (param_digest is not None):
         raise LockError("an ncnn bundle, and only an ncnn bundle, binds the digest of its .param")
@@ -150,10 +175,27 @@ def header_bytes(model_id: str, fmt: str, locked_digest: str, locked_mac: bytes,
     }
     if param_digest is not None:
         doc["param_digest"] = param_digest
+    if fingerprint:
+        names = [t.name for t in locked]
+        doc["fingerprint"] = [{"tensor": names.index(name), "index": _b64(_u32(idx))}
+                              for name, idx in sorted(fingerprint.items(), key=lambda kv: names.index(kv[0]))]
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     if len(body) > HEADER_CAP:
         raise LockError(f"bundle header would be {len(body)} bytes, over the {HEADER_CAP}-byte cap")
-    return PREFIX.pack(MAGIC, VERSION_RUNS if runs else VERSION, len(body)) + body
+    version = VERSION_FP if fingerprint else VERSION_RUNS if runs else VERSION
+    return PREFIX.pack(MAGIC, version, len(body)) + body
+
+
+def _u32(values: Any) -> bytes:
+    """Little-endian uint32s (indices from numpy or a plain sequence)."""
+    out = array("I", [int(v) for v in values])
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 # --- reading (untrusted input) ---------------------------------------------------------------------
@@ -242,9 +284,9 @@ def _parse(reader: BundleReader) -> BundleHeader:
     magic, version, n = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise BundleFormatError("not a layerlock bundle: bad magic")
-    if version not in (VERSION, VERSION_RUNS):
+    if version not in (VERSION, VERSION_RUNS, VERSION_FP):
         raise BundleFormatError(f"unsupported bundle version {version} "
-                                f"(this build reads {VERSION} and {VERSION_RUNS})")
+                                f"(this build reads {VERSION} to {VERSION_FP})")
     if n > HEADER_CAP:
         raise BundleFormatError(f"bundle header length {n} exceeds the {HEADER_CAP}-byte cap")
     if PREFIX.size + n + CHECK > reader.size:
@@ -283,7 +325,10 @@ def _hex(doc: dict[str, Any], key: str, nbytes: int, what: str) -> str:
 
 
 def _validate(doc: Any, digest: bytes, header_size: int, version: int = VERSION) -> BundleHeader:
-    if not isinstance(doc, dict) or set(doc) != (_NCNN_KEYS if doc.get("format") == "ncnn" else _KEYS):
+    expected = _NCNN_KEYS if isinstance(doc, dict) and doc.get("format") == "ncnn" else _KEYS
+    if version == VERSION_FP:
+        expected = expected | {"fingerprint"}
+    if not isinstance(doc, dict) or set(doc) != expected:
         raise BundleFormatError("bundle header has missing or unknown fields")
     model_id, fmt = doc["model_id"], doc["format"]
     if not is_model_id(model_id):
@@ -311,6 +356,7 @@ def _validate(doc: Any, digest: bytes, header_size: int, version: int = VERSION)
         raise BundleFormatError(f"bundle header lists more than {RUN_CAP} runs")
     if version == VERSION_RUNS and all(r is None for r in runs):
         raise BundleFormatError("a version 2 bundle must lock part of a tensor")
+    fingerprint = _fingerprint(doc["fingerprint"], tensors, runs) if version == VERSION_FP else ()
     end, total, seen = 0, 0, set()
     for t, r in zip(tensors, runs, strict=True):
         if t.offset < end or t.name in seen:
@@ -321,7 +367,47 @@ def _validate(doc: Any, digest: bytes, header_size: int, version: int = VERSION)
         raise BundleFormatError("bundle tensor lengths do not add up to its payload size")
     return BundleHeader(version, model_id, fmt, locked_digest, locked_size, plain_size, chunk_size,
                         count, SUITE, bytes.fromhex(salt_hex), tensors, digest, header_size,
-                        bytes.fromhex(locked_mac), param_digest, runs if version == VERSION_RUNS else ())
+                        bytes.fromhex(locked_mac), param_digest, runs if version != VERSION else (), fingerprint)
+
+
+def _fingerprint(raw: Any, tensors: tuple[TensorInfo, ...],
+                 runs: tuple[tuple[tuple[int, int], ...] | None, ...]) -> tuple[tuple[int, array[int]], ...]:
+    """Version 3's fingerprint sites, each checked: a float tensor of this bundle, indices sorted,
+    inside the tensor and inside its locked runs, at most ``FP_CAP`` in all."""
+    if not isinstance(raw, list) or not raw:
+        raise BundleFormatError("bundle fingerprint must be a non-empty list")
+    out: list[tuple[int, array[int]]] = []
+    total, last = 0, -1
+    for entry in raw:
+        if not isinstance(entry, dict) or set(entry) != {"tensor", "index"}:
+            raise BundleFormatError("bundle fingerprint entry has missing or unknown fields")
+        i, text = entry["tensor"], entry["index"]
+        if type(i) is not int or not last < i < len(tensors) or tensors[i].dtype not in ("F16", "BF16", "F32", "F64"):
+            raise BundleFormatError("bundle fingerprint names a tensor out of order, twice, or not a float tensor")
+        try:
+            data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) if isinstance(text, str) else None
+        except (binascii.Error, ValueError):
+            data = None
+        if data is None or not data or len(data) % 4:
+            raise BundleFormatError(f"bundle fingerprint of {tensors[i].name!r} is not base64url uint32s")
+        idx = array("I", data)
+        if sys.byteorder == "big":
+            idx.byteswap()
+        total += len(idx)
+        if total > FP_CAP or any(idx[k + 1] <= idx[k] for k in range(len(idx) - 1)) or idx[-1] >= tensors[i].numel:
+            raise BundleFormatError(f"bundle fingerprint of {tensors[i].name!r} is unsorted, too long or outside it")
+        tensor_runs = runs[i] if runs else None
+        if tensor_runs is not None:
+            item = ITEMSIZE[tensors[i].dtype]
+            spans = [((o - tensors[i].offset) // item, (o - tensors[i].offset + n) // item) for o, n in tensor_runs]
+            starts = [a for a, _ in spans]
+            for element in idx:
+                k = bisect.bisect_right(starts, element) - 1
+                if k < 0 or element >= spans[k][1]:
+                    raise BundleFormatError(f"bundle fingerprint of {tensors[i].name!r} leaves its locked part")
+        out.append((i, idx))
+        last = i
+    return tuple(out)
 
 
 def _runs(entry: dict[str, Any], t: TensorInfo, version: int) -> tuple[tuple[int, int], ...] | None:
@@ -329,7 +415,7 @@ def _runs(entry: dict[str, Any], t: TensorInfo, version: int) -> tuple[tuple[int
     if "runs" not in entry:
         return None
     flat = entry["runs"]
-    if version != VERSION_RUNS or not isinstance(flat, list) or not flat or len(flat) % 2 \
+    if version == VERSION or not isinstance(flat, list) or not flat or len(flat) % 2 \
             or len(flat) > 2 * RUN_CAP:
         raise BundleFormatError(f"bundle tensor {t.name!r} has malformed runs")
     item, end, out = ITEMSIZE[t.dtype], 0, []

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from layerlock.shared import formats
 from layerlock.shared.bundle import (
     CHECK,
@@ -64,9 +66,12 @@ from layerlock.shared.bundle import (
 from layerlock.shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, write_sealed
 from layerlock.shared.decoys import write_plan_decoys
 from layerlock.shared.errors import BundleFormatError, InvalidInput, LockError
+from layerlock.shared.fingerprint import FLOAT as FINGERPRINT_DTYPES
+from layerlock.shared.fingerprint import Secret, to_float
+from layerlock.shared.fingerprint import choose as choose_fingerprint
 from layerlock.shared.formats import TensorInfo, create_new
 from layerlock.shared.ids import is_model_id
-from layerlock.shared.plan import describe, load_base, make_plan, mapped
+from layerlock.shared.plan import Plan, describe, load_base, make_plan, mapped
 from layerlock.shared.restore import restore, restore_to
 from layerlock.shared.selection import LockPolicy
 
@@ -102,6 +107,11 @@ class ProtectResult:
     locks: list[dict[str, object]] = field(default_factory=list)
     policy: str = "default"
     warnings: list[str] = field(default_factory=list)
+    # The per-license fingerprint secret (:class:`layerlock.shared.fingerprint.Secret`, serialized):
+    # the original values at the fingerprint positions, which the bundle does not hold.  Secret
+    # like the data key: it goes to the license server sealed, never to disk in plaintext.
+    fingerprint: bytes | None = field(default=None, repr=False)
+    fingerprint_positions: int = 0
 
     @property
     def fraction(self) -> float:
@@ -151,6 +161,8 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
     base = load_base(Path(policy.base), out_dir) if policy.base is not None else None
     with mapped(plain) as plan_view:
         plan = make_plan(plain, plan_view, policy, infos, base)
+        secret = _choose_fingerprint(model_id, plan, plan_view) if policy.fingerprint else None
+    fp_index = {s.tensor: s.index for s in secret.sites} if secret is not None else None
     locked = [lk.info for lk in plan.locks]  # file order, empties first
     runs = {lk.name: r for lk in plan.locks if (r := lk.byte_runs()) is not None}
     # The payload: every locked byte range in file order (whole tensors, or their runs).
@@ -174,14 +186,20 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
         shutil.copyfile(plain.path, tmp_locked)
         if tmp_param is not None and plain.companion is not None:
             param_digest = _copy_companion(plain.companion, tmp_param)
-        with plain.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        # A private (copy-on-write) mapping when fingerprinting: the decoys go over the
+        # fingerprint positions in memory only, so the bundle never holds their real values.
+        access = mmap.ACCESS_COPY if fp_index else mmap.ACCESS_READ
+        with plain.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=access) as mm:
             view = memoryview(mm)
             try:
                 left_as_is = write_plan_decoys(view, plan.locks, tmp_locked, key, plan.base, bar)
+                if fp_index:
+                    _decoys_at_fingerprint(view, tmp_locked, infos, fp_index)
                 salt = secrets.token_bytes(SALT)
                 locked_digest, locked_mac, locked_size = _digest_file(tmp_locked, subkeys(key, salt)[2])
                 header = header_bytes(model_id, plain.format, locked_digest, locked_mac, locked_size,
-                                      plain_size, chunk_size, salt, locked, param_digest, runs or None)
+                                      plain_size, chunk_size, salt, locked, param_digest, runs or None,
+                                      fp_index)
                 with create_new(tmp_bundle) as out:
                     write_sealed(out, header, view, pieces, key, salt, chunk_size, bar)
                 _self_check(tmp_bundle)
@@ -213,7 +231,38 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
                          locked_params=sum(lk.elements for lk in changed), policy=plan.policy,
                          locks=[d for d in describe(plan) if d["name"] not in same], warnings=plan.warnings,
                          total_params=sum(t.numel for t in plain.tensors), format=plain.format,
-                         left_as_is=left_as_is, param_path=param_path)
+                         left_as_is=left_as_is, param_path=param_path,
+                         fingerprint=secret.to_bytes() if secret is not None else None,
+                         fingerprint_positions=secret.n if secret is not None else 0)
+
+
+def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview) -> Secret | None:
+    """Fingerprint positions among the plan's locked float elements (None: too little locked)."""
+    locks = {lk.name: lk for lk in plan.locks if lk.info.dtype in FINGERPRINT_DTYPES}
+
+    def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+        t = locks[name].info
+        values = to_float(view[t.offset:t.offset + t.length], t.dtype)
+        if t.dtype != "F64":  # exact in float32; half the memory of a large tensor
+            values = values.astype(np.float32)
+        mask = locks[name].mask().ravel() & np.isfinite(values)
+        return values, mask
+
+    shapes = {name: (lk.info.dtype, tuple(lk.info.shape), lk.elements) for name, lk in locks.items()}
+    return choose_fingerprint(model_id, shapes, load, secrets.token_bytes(32))
+
+
+def _decoys_at_fingerprint(view: memoryview, locked_path: Path, infos: dict[str, TensorInfo],
+                           fp_index: dict[str, np.ndarray]) -> None:
+    """Copy the locked file's decoys over the fingerprint positions of ``view`` (a private map)."""
+    with locked_path.open("rb") as fh:
+        for name, idx in fp_index.items():
+            t = infos[name]
+            item = formats.ITEMSIZE[t.dtype]
+            fh.seek(t.offset)
+            decoy = np.frombuffer(fh.read(t.length), dtype=np.uint8).reshape(-1, item)
+            target = np.frombuffer(view[t.offset:t.offset + t.length], dtype=np.uint8).reshape(-1, item)
+            target[idx] = decoy[idx]
 
 
 def _copy_companion(src: Path, tmp: Path) -> str:

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from layerlock.shared.bundle import CHECK, BundleHeader, BundleReader
 from layerlock.shared.chunks import ChunkOpener, LockedMac, check_data_key, key_matches, subkeys
-from layerlock.shared.errors import BundleIntegrityError, LockedFileMismatch
+from layerlock.shared.errors import BundleIntegrityError, LockedFileMismatch, LockError
 
 _RESTORE_BLOCK = 4 << 20  # kept bytes are copied in blocks of this size ...
 _POOL = 3  # ... through this many buffers (and as many chunk buffers)
@@ -278,3 +278,26 @@ def _write(out: BinaryIO, data: memoryview) -> None:
         if n is None or n >= len(data):
             return
         data = data[n:]
+
+
+def write_fingerprint(out: BinaryIO, start: int, header: BundleHeader, values: bytes) -> None:
+    """Write a license's fingerprint values over the decoys at the bundle's fingerprint positions
+    of the model just restored to ``out`` from ``start`` (runs of adjacent positions in one write).
+
+    ``values`` must be exactly ``header.fingerprint_bytes`` long (the caller checks it against
+    the token).  ``out`` is left positioned at the end of the model."""
+    if len(values) != header.fingerprint_bytes:
+        raise LockError(f"fingerprint values are {len(values)} bytes; the bundle needs {header.fingerprint_bytes}")
+    end = out.tell()
+    pos = 0
+    for offset, item, idx in header.fingerprint_sites():
+        i = 0
+        while i < len(idx):
+            j = i + 1
+            while j < len(idx) and idx[j] == idx[j - 1] + 1:
+                j += 1
+            out.seek(start + offset + idx[i] * item)
+            _write(out, memoryview(values)[pos + i * item:pos + j * item])
+            i = j
+        pos += len(idx) * item
+    out.seek(end)

@@ -42,7 +42,8 @@ class LockPolicy:
     Neither given -> the default policy (:mod:`layerlock.shared.plan`).  ``base``: lock what
     differs from this model (``--base``); ``base_min_change``: leave clear the rows whose change
     from the base is below this fraction of their norm (0: lock every row that differs).
-    ``include_int``: integer and bool buffers may be locked too.
+    ``include_int``: integer and bool buffers may be locked too.  ``fingerprint``: reserve
+    per-license fingerprint positions in the locked tensors (:mod:`layerlock.shared.fingerprint`).
     """
 
     start: int | None = None
@@ -51,6 +52,7 @@ class LockPolicy:
     include_int: bool = False
     base: str | None = None
     base_min_change: float = 0.0
+    fingerprint: bool = False
 
     @property
     def is_default(self) -> bool:

@@ -102,19 +102,45 @@ INTAKE_SUITE = DEFAULT_SUITE
 SEALED_KEY_VERSION = 1
 
 
-def intake_info(model_id: str) -> bytes:
+def intake_info(model_id: str, what: str = "") -> bytes:
+    """HPKE ``info`` of what protect seals to the server: the data key, or (``what="fp"``) the
+    fingerprint secret."""
     if not model_id or "\0" in model_id:
         raise WrapError("model id must be a non-empty string without NUL")
-    return b"layerlock-intake-v1\0" + model_id.encode()
+    return b"layerlock-intake-v1\0" + model_id.encode() + (b"\0" + what.encode() if what else b"")
 
 
-def seal_for_server(data_key: bytes, intake_public: x25519.X25519PublicKey, model_id: str) -> dict[str, object]:
-    """The ``*.key.sealed`` document: safe to store, mail or upload; only the server opens it."""
+def seal_for_server(data_key: bytes, intake_public: x25519.X25519PublicKey, model_id: str,
+                    fingerprint: bytes | None = None) -> dict[str, object]:
+    """The ``*.key.sealed`` document: safe to store, mail or upload; only the server opens it.
+
+    ``fingerprint``: the model's fingerprint secret (:mod:`layerlock.shared.fingerprint`), sealed
+    the same way under its own binding, so neither can be passed off as the other."""
     from layerlock.shared.keys import b64u_encode
 
     sealed = seal(data_key, intake_public, INTAKE_SUITE, intake_info(model_id))
-    return {"v": SEALED_KEY_VERSION, "model": model_id, "suite": INTAKE_SUITE, "sealed": b64u_encode(sealed),
-            "intake_pub": b64u_encode(intake_public.public_bytes_raw())}
+    doc: dict[str, object] = {"v": SEALED_KEY_VERSION, "model": model_id, "suite": INTAKE_SUITE,
+                              "sealed": b64u_encode(sealed),
+                              "intake_pub": b64u_encode(intake_public.public_bytes_raw())}
+    if fingerprint is not None:
+        doc["fingerprint"] = b64u_encode(seal(fingerprint, intake_public, INTAKE_SUITE, intake_info(model_id, "fp")))
+    return doc
+
+
+def open_fingerprint_from_vendor(doc: object, intake_private: x25519.X25519PrivateKey, model_id: str) -> bytes | None:
+    """The fingerprint secret in a sealed-key document (None: the model has none)."""
+    from layerlock.shared.keys import b64u_decode
+
+    if not isinstance(doc, dict) or doc.get("fingerprint") is None:
+        return None
+    sealed = doc["fingerprint"]
+    if not isinstance(sealed, str):
+        raise WrapError("sealed key document has a malformed 'fingerprint'")
+    try:
+        raw = b64u_decode(sealed, field="fingerprint")
+    except Exception:  # noqa: BLE001
+        raise WrapError("sealed fingerprint is not base64url") from None
+    return open_sealed(raw, intake_private, INTAKE_SUITE, intake_info(model_id, "fp"))
 
 
 def open_from_vendor(doc: object, intake_private: x25519.X25519PrivateKey, model_id: str) -> bytes:

@@ -16,35 +16,40 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+# the narrow modules: restore needs neither numpy nor the protect machinery (start-up time)
+from layerlock.shared.bundle import read_header
 from layerlock.shared.errors import LockedFileMismatch, UnsupportedModel, WrapError
 from layerlock.shared.ncnnfile import container_head, read_param
+from layerlock.shared.restore import restore_to, write_fingerprint
 from layerlock.shared.tokens import LicenseClaims, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
 from layerlock.verifier.memory import SealedModel
-
-try:  # the narrow modules: restore needs neither numpy nor the protect machinery (start-up time)
-    from layerlock.shared.bundle import read_header
-    from layerlock.shared.restore import restore_to
-except ImportError:  # pragma: no cover - the public facade always has them
-    from layerlock.shared.lockfile import read_header, restore_to
 
 
 def accept_token(token: str, *, keys: Mapping[str, ed25519.Ed25519PublicKey], kem: MachineKemKeys,
                  machine_code: str, model_id: str, issuer: str, leeway: int,
                  now: float | None = None) -> tuple[LicenseClaims, bytes]:
-    """Verify ``token`` and open its data key; raise TokenError / WrapError otherwise."""
+    """Verify ``token`` and open ``wk``; raise TokenError / WrapError otherwise.
+
+    Returns the opened ``wk``: the 256-bit data key, then -- for a fingerprinted model -- this
+    license's values at the bundle's fingerprint positions (:func:`restore_model` splits them)."""
     claims = verify_token(token, keys, machine_code=machine_code, model_id=model_id, issuer=issuer,
                           leeway=leeway, now=now)
-    data_key = open_sealed(claims.wrapped_key, kem.private_for(claims.suite), claims.suite,
-                           binding_info(claims.lic, machine_code, model_id))
-    if len(data_key) != 32:
+    unlock = open_sealed(claims.wrapped_key, kem.private_for(claims.suite), claims.suite,
+                         binding_info(claims.lic, machine_code, model_id))
+    if len(unlock) < 32:
         raise WrapError("wrapped key is not a 256-bit data key")
-    return claims, data_key
+    return claims, unlock
 
 
-def restore_model(model_id: str, locked: Path, bundle: Path, data_key: bytes,
+def restore_model(model_id: str, locked: Path, bundle: Path, unlock: bytes,
                   param: Path | None = None) -> SealedModel:
-    """Restore the original model bytes straight into a sealed memfd (never onto disk).
+    """Restore the model bytes straight into a sealed memfd (never onto disk).
+
+    ``unlock`` is the opened ``wk``: the data key, then the license's fingerprint values, which
+    are written over the decoys at the bundle's fingerprint positions -- so what is served is
+    the license's own copy (:mod:`layerlock.shared.fingerprint`).  A bundle with fingerprint
+    positions and a ``wk`` without exactly its values (or the reverse) is refused.
 
     An ncnn model is served as one container, its ``.param`` (``param``, default: the locked
     ``.bin``'s name with ``.param``) and the unlocked ``.bin`` (PROTOCOL.md, "ncnn models"); the
@@ -53,17 +58,24 @@ def restore_model(model_id: str, locked: Path, bundle: Path, data_key: bytes,
     header = read_header(bundle)
     if header.model_id != model_id:
         raise WrapError(f"bundle {bundle} belongs to model {header.model_id!r}, not {model_id!r}")
-    if header.format != "ncnn":
-        return SealedModel(model_id, header.format, lambda out: restore_to(locked, bundle, data_key, out))
-    head = container_head(_ncnn_param(model_id, Path(locked), param, header.param_digest), header.locked_size)
+    data_key, values = unlock[:32], unlock[32:]
+    if len(values) != header.fingerprint_bytes:
+        raise WrapError(f"the token carries {len(values)} bytes of fingerprint values; bundle {Path(bundle).name} "
+                        f"needs {header.fingerprint_bytes} (a token for another protect run of this model?)")
+    head = b""
+    if header.format == "ncnn":
+        head = container_head(_ncnn_param(model_id, Path(locked), param, header.param_digest), header.locked_size)
 
     def fill(out: BinaryIO) -> None:
         view = memoryview(head)
         while len(view):  # a raw write may be short
             view = view[out.write(view) or 0:]
+        start = out.tell()
         restore_to(locked, bundle, data_key, out)
+        if values:
+            write_fingerprint(out, start, header, values)
 
-    return SealedModel(model_id, "ncnn", fill)
+    return SealedModel(model_id, header.format, fill)
 
 
 def _ncnn_param(model_id: str, locked: Path, param: Path | None, digest: str | None) -> bytes:

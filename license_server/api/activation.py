@@ -43,11 +43,13 @@ from layerlock.license_server import metrics
 from layerlock.license_server.api.common import body, client_ip, require
 from layerlock.license_server.app import Services, services
 from layerlock.license_server.decision import Grant, Refusal, decide
+from layerlock.license_server.fingerprints import secret_for
 from layerlock.license_server.roles import WRITERS
 from layerlock.license_server.store import guards, licenses, machines, models, rejections, seats
 from layerlock.license_server.store.commit import Change, Replayed, until_committed
 from layerlock.shared.activation import ActivationRequest, parse_request
 from layerlock.shared.errors import ActivationDenied, Conflict, Denial, InvalidInput
+from layerlock.shared.fingerprint import license_values
 from layerlock.shared.keys import b64u_decode, b64u_encode, ed25519_public, mlkem768_public, x25519_public
 from layerlock.shared.tokens import AUDIENCE, LicenseClaims, jwks, sign_token
 from layerlock.shared.wrap import binding_info, public_for, seal
@@ -182,7 +184,8 @@ def _grant(svc: Services, req: ActivationRequest, snap: guards.Snapshot, grant: 
 
 def _wrapped_key(svc: Services, req: ActivationRequest, mrec: dict[str, str], model: dict[str, str],
                  lic: dict[str, str], suite: str) -> tuple[str, dict[str, str]]:
-    """``wk``: the data key HPKE-sealed to this machine, bound to (license, machine, model).
+    """``wk``: the data key HPKE-sealed to this machine, bound to (license, machine, model) --
+    followed, for a fingerprinted model, by this license's values at the fingerprint positions.
 
     It depends only on the license, the machine's public keys and the model's data key — none
     of which changes once issued — so it is sealed once per license and suite and kept in the
@@ -203,8 +206,10 @@ def _wrapped_key(svc: Services, req: ActivationRequest, mrec: dict[str, str], mo
         return _WK_CACHE[memo], {}
     pq = mlkem768_public(b64u_decode(mrec["pq_pub"])) if "pq_pub" in mrec else None
     recipient = public_for(suite, _kex_key(mrec["kex_pub"]), pq)
-    data_key = svc.keys.open_data_key(model["wrapped_key"], model["kek_id"], req.model)
-    wk = b64u_encode(seal(data_key, recipient, suite, binding_info(lic["license_id"], req.machine, req.model)))
+    secret = svc.keys.open_data_key(model["wrapped_key"], model["kek_id"], req.model)
+    if model.get("fp_positions"):  # this license's values at the fingerprint positions ride along
+        secret += license_values(secret_for(svc, req.model, model), lic["license_id"])
+    wk = b64u_encode(seal(secret, recipient, suite, binding_info(lic["license_id"], req.machine, req.model)))
     if shared:
         if len(_WK_CACHE) >= _WK_CACHE_MAX:
             _WK_CACHE.clear()

@@ -4,11 +4,13 @@ A model may be a version of a ``family`` (``family`` + ``version``; ``released_a
 the registration time), which family licenses name instead of one model id.
 
 The data key arrives sealed to the server's intake key (``layerlock protect``), is opened here
-only long enough to re-seal it under the KEK, and is never returned by any endpoint.
+only long enough to re-seal it under the KEK, and is never returned by any endpoint.  So does a
+fingerprinted model's fingerprint secret (kept apart: :mod:`layerlock.license_server.store.models`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -18,9 +20,10 @@ from layerlock.license_server.app import services
 from layerlock.license_server.roles import READERS, WRITERS
 from layerlock.license_server.store import models, page
 from layerlock.shared.errors import InvalidInput
+from layerlock.shared.fingerprint import Secret
 from layerlock.shared.ids import check_model_id
 from layerlock.shared.keys import b64u_encode
-from layerlock.shared.wrap import open_from_vendor
+from layerlock.shared.wrap import open_fingerprint_from_vendor, open_from_vendor
 
 bp = Blueprint("models", __name__)
 
@@ -45,9 +48,18 @@ def register() -> tuple[dict[str, Any], int]:
     svc = services()
     data_key = open_from_vendor(doc["sealed_key"], svc.keys.current.intake, model_id)
     wrapped, kek_id = svc.keys.seal_data_key(data_key, model_id)
-    rec = models.record(model_id, name, version, wrapped, kek_id, family=family, released_at=released)
-    models.create(svc.commits, rec, actor=g.actor, model=model_id, version=version, kek_id=kek_id,
-                  family=family or None)
+    raw_fp = open_fingerprint_from_vendor(doc["sealed_key"], svc.keys.current.intake, model_id)
+    sealed_fp, positions, digest = None, 0, ""
+    if raw_fp is not None:
+        secret = Secret.from_bytes(raw_fp)  # checked now: a bad one would only fail at activation
+        if secret.model_id != model_id:
+            raise InvalidInput("the sealed fingerprint belongs to another model id")
+        sealed_fp, _ = svc.keys.seal_data_key(raw_fp, model_id + models.FP_BINDING)
+        positions, digest = secret.n, hashlib.sha256(sealed_fp.encode()).hexdigest()[:24]
+    rec = models.record(model_id, name, version, wrapped, kek_id, family=family, released_at=released,
+                        fp_positions=positions, fp_digest=digest)
+    models.create(svc.commits, rec, actor=g.actor, fingerprint=sealed_fp, model=model_id, version=version,
+                  kek_id=kek_id, family=family or None, fingerprint_positions=positions or None)
     return models.public_view(rec), 201
 
 

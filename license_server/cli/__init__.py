@@ -14,6 +14,7 @@ from layerlock.license_server.cli.harden import harden
 from layerlock.license_server.cli.ops import activate_offline, audit, keys, licenses, machines, models, webhooks
 from layerlock.license_server.cli.protect import protect
 from layerlock.license_server.cli.strength import assess, inspect
+from layerlock.license_server.cli.trace import trace
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,5 +27,6 @@ main.add_command(protect)
 main.add_command(inspect)
 main.add_command(assess)
 main.add_command(harden)
+main.add_command(trace)
 for _cmd in (init, serve, demo, keys, machines, models, licenses, audit, activate_offline, webhooks):
     main.add_command(_cmd)

@@ -9,6 +9,7 @@ uploaded (``--register``), or raw for local tests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -114,7 +115,7 @@ def _sink(intake_key: Path | None, register: str | None, api_key: str | None, da
     def sealed(result: ProtectResult) -> None:
         target = registrar.intake if registrar is not None else intake
         assert target is not None
-        doc = seal_for_server(result.data_key, target, result.model_id)
+        doc = seal_for_server(result.data_key, target, result.model_id, result.fingerprint)
         path = result.bundle_path.with_name(result.bundle_path.name[:-len(".llk")] + ".key.sealed")
         with _or_discard(result):
             path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -165,13 +166,18 @@ def _or_discard(result: ProtectResult) -> Iterator[None]:
                    "of MODEL_ID.key files when PATH is a directory).")
 @click.option("--name", help="Display name sent with --register (default: file stem).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Version sent with --register.")
+@click.option("--fingerprint/--no-fingerprint", default=True, show_default=True,
+              help="Reserve per-license fingerprint positions in the locked tensors: each license's unlocked "
+                   "weights then differ slightly, and `layerlock trace` names the license of a leaked copy. "
+                   "Off with --data-key-out (no server to issue the values).")
 @click.option("--force", is_flag=True, help="Protect a single file again even if its bundle exists (new key).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is also off when stderr is not a TTY).")
 def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: str | None, layers: str | None,
             patterns: tuple[str, ...], base: Path | None, base_min_change: float, include_int: bool,
             intake_key: Path | None, register: str | None, api_key: str | None, data_key_out: Path | None,
-            name: str | None, model_version: str, force: bool, as_json: bool, no_progress: bool) -> None:
+            name: str | None, model_version: str, fingerprint: bool, force: bool, as_json: bool,
+            no_progress: bool) -> None:
     """Lock a model so a copy is worthless without a license.
 
     PATH is a .safetensors, .pt/.pth state dict or .onnx file, an ncnn .param (WEIGHTS is its
@@ -206,6 +212,7 @@ def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: st
             if not base.is_file():
                 raise InvalidInput(f"--base {base}: no such file")
             policy = LockPolicy(include_int=include_int, base=str(base), base_min_change=base_min_change)
+        policy = dataclasses.replace(policy, fingerprint=fingerprint and data_key_out is None)
         on_result, where = _sink(intake_key, register, api_key, data_key_out, path.is_dir(), name, model_version)
         outcomes = protect_path(path, out_dir, model_id=model_id, policy=policy, progress=not no_progress,
                                 force=force, on_result=on_result, weights=weights)
@@ -240,7 +247,8 @@ def _as_dict(o: Outcome, where: dict[Path, str]) -> dict[str, Any]:
         d.update(model_id=r.model_id, format=r.format, locked=str(r.locked_path), bundle=str(r.bundle_path),
                  locked_tensors=len(r.locked_tensors), locked_params=r.locked_params,
                  total_params=r.total_params, fraction=round(r.fraction, 6), data_key=where.get(o.source),
-                 policy=r.policy, locked_names=list(r.locked_tensors), locks=r.locks, warnings=r.warnings)
+                 policy=r.policy, locked_names=list(r.locked_tensors), locks=r.locks, warnings=r.warnings,
+                 fingerprint_positions=r.fingerprint_positions)
         if r.param_path is not None:
             d["param"] = str(r.param_path)
     if o.message:
@@ -264,6 +272,8 @@ def _describe(o: Outcome, where: dict[Path, str]) -> None:
     if len(r.locks) > len(shown):
         click.echo(f"             ... and {len(r.locks) - len(shown)} more (--json lists them all)")
     click.echo(f"  data key:  {where.get(r.source, '?')}")
+    if r.fingerprint_positions:
+        click.echo(f"  fingerprint: {r.fingerprint_positions:,} positions (each license's values come with its token)")
 
 
 def _table(outcomes: list[Outcome]) -> None:

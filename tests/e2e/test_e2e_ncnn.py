@@ -89,9 +89,13 @@ bundle = "{site / 'ship' / 'digits.llk'}"
         assert st["state"] == "unlocked" and st["format"] == "ncnn", st
         xte, yte, _, _ = digits()
         want = run(net_from(param, weights), xte)
+        assert item["fingerprint_positions"] > 0
         for transfer in ("fd", "stream"):
             got = np.array(_client(sock_dir / "verifier.sock", transfer)["logits"], dtype=np.float32)
-            assert np.array_equal(got, want), transfer  # bit-exact, from memory
+            # this license's fingerprinted copy, from memory: the same answers, logits a hair apart
+            assert not np.array_equal(got, want), transfer
+            assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99, transfer
+            np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * float(np.abs(want).max()))
         with np.errstate(all="ignore"):
             locked = run(net_from(site / "ship" / "digits.locked.param", site / "ship" / "digits.locked.bin"), xte)
         accuracy = float((locked.argmax(1) == yte).mean())

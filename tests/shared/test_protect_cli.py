@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import stat
 import threading
@@ -17,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from layerlock.license_server.cli import main
 from layerlock.shared.keys import b64u_encode
+from layerlock.shared.fingerprint import Secret
 from layerlock.shared.lockfile import read_header, restore
-from layerlock.shared.wrap import open_from_vendor
+from layerlock.shared.restore import write_fingerprint
+from layerlock.shared.wrap import open_fingerprint_from_vendor, open_from_vendor
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -105,8 +108,30 @@ def test_intake_key_writes_sealed_document(small_model, tmp_path, form):
     doc = json.loads((tmp_path / "out" / "small.key.sealed").read_text())
     model_id = read_header(tmp_path / "out" / "small.llk").model_id
     key = open_from_vendor(doc, priv, model_id)
-    assert restore(tmp_path / "out" / "small.locked.safetensors", tmp_path / "out" / "small.llk", key) \
-        == small_model.read_bytes()
+    bundle = tmp_path / "out" / "small.llk"
+    restored = restore(tmp_path / "out" / "small.locked.safetensors", bundle, key)
+    # fingerprinted (the default): the bundle holds decoys at the positions, the sealed
+    # fingerprint secret the real values -- together, and only together, bit-exact
+    secret = Secret.from_bytes(open_fingerprint_from_vendor(doc, priv, model_id))
+    hdr = read_header(bundle)
+    assert secret.n == sum(len(idx) for _, idx in hdr.fingerprint) > 0
+    assert restored != small_model.read_bytes()
+    out = io.BytesIO(restored)
+    write_fingerprint(out, 0, hdr, b"".join(site.original for site in secret.sites))
+    assert out.getvalue() == small_model.read_bytes()
+
+
+def test_no_fingerprint_restores_bit_exact_from_the_key_alone(small_model, tmp_path):
+    priv, pub = _intake()
+    intake = tmp_path / "intake.pub"
+    intake.write_text(b64u_encode(pub.public_bytes_raw()) + "\n")
+    r = run(str(small_model), "--intake-key", str(intake), "--no-fingerprint", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["fingerprint_positions"] == 0, r.output
+    doc = json.loads((tmp_path / "small.key.sealed").read_text())
+    assert "fingerprint" not in doc
+    model_id = read_header(tmp_path / "small.llk").model_id
+    key = open_from_vendor(doc, priv, model_id)
+    assert restore(tmp_path / "small.locked.safetensors", tmp_path / "small.llk", key) == small_model.read_bytes()
 
 
 def test_bad_intake_key_file(small_model, tmp_path):
@@ -171,7 +196,11 @@ def test_register(small_model, tmp_path, monkeypatch, status):
     assert auth == "Bearer secret-api-key"
     assert body["name"] == "Small" and body["version"] == "2.1"
     key = open_from_vendor(body["sealed_key"], priv, body["model_id"])
-    assert restore(tmp_path / "small.locked.safetensors", tmp_path / "small.llk", key) == small_model.read_bytes()
+    # the fingerprint secret travels sealed in the same upload; with it, bit-exact
+    secret = Secret.from_bytes(open_fingerprint_from_vendor(body["sealed_key"], priv, body["model_id"]))
+    out = io.BytesIO(restore(tmp_path / "small.locked.safetensors", tmp_path / "small.llk", key))
+    write_fingerprint(out, 0, read_header(tmp_path / "small.llk"), b"".join(s.original for s in secret.sites))
+    assert out.getvalue() == small_model.read_bytes()
     if status == 201:
         assert r.exit_code == 0, r.output
         assert "registered at" in r.stdout

@@ -1,0 +1,413 @@
+"""Per-license fingerprints: every license's unlocked weights differ, and a leaked copy names it.
+
+Why it holds against a customer with a patched sidecar
+------------------------------------------------------
+``protect`` picks ``n`` *fingerprint positions* among the **locked** elements (the largest
+magnitudes, so magnitude pruning keeps them) and writes **decoys** there into the bundle as well
+as into the locked file: the original values at those positions exist only in the fingerprint
+secret, which goes to the license server sealed (HPKE to its intake key, then its KEK).  At
+activation the server computes, for that license only, ``v = w + δ·s`` (``s`` = keyed
+pseudo-random ±1 chips, ``δ`` = a small share of the tensor's spread) and seals ``v`` to the
+machine inside ``wk``, after the data key.  The sidecar writes ``v`` over the decoys.  So
+everything a customer holds -- locked file, bundle, token, its own machine key, any sidecar code
+-- gives it ``w + δ·s`` and never ``w``: not one original value at a fingerprint position is in
+any of them, and ``s`` is keyed by a secret it does not have (:func:`chips`).  Two colluders
+learn ``w`` where their chips differ (that is the collusion figure in the README, not a leak of
+one license).
+
+Detection and its proven false-accusation bound
+-----------------------------------------------
+For a suspect, the residual at the positions, ``y = clip((x − w)/δ, ±CLIP)``, depends only on
+the suspect and the original, never on license ``L``'s chips.  The statistic is
+``z_L = Σ s_L,i y_i / ‖y‖``.  For any fixed ``y`` and chips that are independent fair signs,
+Hoeffding gives ``P(z_L ≥ τ) ≤ exp(−τ²/2)`` -- whatever the suspect model is.  A trace tries
+``K`` alignments (as found, and re-aligned for permuted hidden units, computed without any
+chips), so a union bound over the ``K`` statistics and the ``L`` licenses scanned bounds the
+chance that *any* innocent license reaches ``τ`` by ``K·L·exp(−τ²/2)``.  :func:`threshold` picks
+``τ`` so that this is ≤ 1e-9 for at least 10^6 licenses.  (Chips come from HKDF-SHA256 under a
+per-model key: "independent fair signs" holds as long as HKDF is a PRF.)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from layerlock.shared.errors import InvalidInput
+
+FORMAT = 1
+MAX_POSITIONS = 4096  # per model: 16 KiB of float32 in every token (see tokens.MAX_TOKEN_LEN)
+MIN_POSITIONS = 256  # fewer locked float elements than this: no fingerprint (too weak to trace)
+MAX_SITES = 8  # tensors that carry positions (bounds the alignment data)
+ENERGY = 0.02  # fingerprint energy per tensor ≤ ENERGY² × the locked elements' variance
+MAX_ALPHA = 0.1  # δ never exceeds this share of a tensor's standard deviation
+CLIP = 3.0  # residuals are clipped at ±CLIP·δ: a pruned or retrained weight cannot drown the rest
+QUANTILES = np.linspace(0.05, 0.95, 10)  # per-row / per-column descriptors for re-alignment
+ALIGN_CAP = 4096  # rows (columns) beyond this are not re-aligned
+FALSE_ACCUSATION = 1e-9  # per trace
+LICENSES_FOR_BOUND = 1_000_000  # the threshold holds at least for this many licenses scanned
+FLOAT = ("F16", "BF16", "F32", "F64")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise InvalidInput(f"fingerprint {what} is not a string")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        raise InvalidInput(f"fingerprint {what} is not base64url") from None
+
+
+# --- dtypes ----------------------------------------------------------------------------------------
+def to_float(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
+    """Little-endian tensor bytes (safetensors dtype code) as float64."""
+    buf = raw.tobytes() if isinstance(raw, np.ndarray) else bytes(raw)
+    if dtype == "BF16":
+        bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    np_dtype = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}.get(dtype)
+    if np_dtype is None:
+        raise InvalidInput(f"dtype {dtype} cannot carry a fingerprint")
+    return np.frombuffer(buf, dtype=np_dtype).astype(np.float64)
+
+
+def from_float(values: np.ndarray, dtype: str) -> bytes:
+    """float64 values as little-endian bytes of ``dtype`` (BF16: round to nearest even)."""
+    if dtype == "BF16":
+        bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.astype("<u2").tobytes()
+    np_dtype = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype]
+    return np.asarray(values, dtype=np.float64).astype(np_dtype).tobytes()
+
+
+def itemsize(dtype: str) -> int:
+    return {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[dtype]
+
+
+# --- the secret ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """One tensor's fingerprint positions: flat element indices (sorted), their original bytes."""
+
+    tensor: str
+    dtype: str
+    shape: tuple[int, ...]
+    index: np.ndarray  # uint32, strictly increasing
+    original: bytes = field(repr=False)  # the original values at ``index``, in ``dtype``
+    scale: float = field(repr=False)  # δ for this tensor
+    rows: np.ndarray | None = field(default=None, repr=False)  # (R, Q) quantile descriptors
+    cols: np.ndarray | None = field(default=None, repr=False)  # (C, Q)
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """The tensor seen as rows × columns (first axis × the rest)."""
+        rows = self.shape[0] if self.shape else 1
+        return rows, (math.prod(self.shape) // rows if rows else 0)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A model's fingerprint secret: chip key, positions, original values, alignment data.
+
+    Only the license server holds it (sealed under its KEK).  ``public()`` is what may be shown
+    to ops tracing a leak: positions and descriptors, never the key or the original values."""
+
+    model_id: str
+    key: bytes = field(repr=False)
+    sites: tuple[Site, ...]
+
+    @property
+    def n(self) -> int:
+        return sum(len(s.index) for s in self.sites)
+
+    def originals(self) -> np.ndarray:
+        return np.concatenate([to_float(s.original, s.dtype) for s in self.sites])
+
+    def scales(self) -> np.ndarray:
+        return np.concatenate([np.full(len(s.index), s.scale) for s in self.sites])
+
+    def to_bytes(self) -> bytes:
+        doc = {"v": FORMAT, "model": self.model_id, "key": _b64(self.key), "sites": [
+            {"tensor": s.tensor, "dtype": s.dtype, "shape": list(s.shape),
+             "index": _b64(s.index.astype("<u4").tobytes()), "original": _b64(s.original), "scale": s.scale,
+             "rows": None if s.rows is None else _b64(s.rows.astype("<f4").tobytes()),
+             "cols": None if s.cols is None else _b64(s.cols.astype("<f4").tobytes())} for s in self.sites]}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Secret:
+        """Parse (and check) a secret; anything off is an InvalidInput naming the field."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("fingerprint secret is not JSON") from None
+        if not isinstance(doc, dict) or doc.get("v") != FORMAT or not isinstance(doc.get("sites"), list):
+            raise InvalidInput("fingerprint secret has an unknown format")
+        key = _unb64(doc.get("key"), "key")
+        if len(key) != 32 or not isinstance(doc.get("model"), str):
+            raise InvalidInput("fingerprint secret lacks its 256-bit key or model id")
+        sites = tuple(_site(e) for e in doc["sites"])
+        if not sites or sum(len(s.index) for s in sites) > MAX_POSITIONS * 4:
+            raise InvalidInput("fingerprint secret has no positions, or far too many")
+        return cls(doc["model"], key, sites)
+
+    def public(self) -> dict[str, object]:
+        """Positions, shapes and descriptors (what an extractor needs); no key, no originals."""
+        return {"model_id": self.model_id, "positions": self.n, "sites": [
+            {"tensor": s.tensor, "dtype": s.dtype, "shape": list(s.shape),
+             "index": _b64(s.index.astype("<u4").tobytes()),
+             "rows": None if s.rows is None else _b64(s.rows.astype("<f4").tobytes()),
+             "cols": None if s.cols is None else _b64(s.cols.astype("<f4").tobytes())} for s in self.sites]}
+
+
+def _site(e: object) -> Site:
+    if not isinstance(e, dict):
+        raise InvalidInput("fingerprint site is not an object")
+    tensor, dtype, shape = e.get("tensor"), e.get("dtype"), e.get("shape")
+    if not isinstance(tensor, str) or dtype not in FLOAT or not isinstance(shape, list) \
+            or not all(type(d) is int and d > 0 for d in shape):
+        raise InvalidInput("fingerprint site has a bad tensor name, dtype or shape")
+    raw = _unb64(e.get("index"), "index")
+    if len(raw) % 4:
+        raise InvalidInput("fingerprint site index is not uint32s")
+    index = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    numel = math.prod(shape)
+    if not len(index) or np.any(np.diff(index.astype(np.int64)) <= 0) or int(index[-1]) >= numel:
+        raise InvalidInput(f"fingerprint site {tensor!r} has indices out of order or outside the tensor")
+    original = _unb64(e.get("original"), "original") if "original" in e else b""
+    if "original" in e and len(original) != len(index) * itemsize(dtype):
+        raise InvalidInput(f"fingerprint site {tensor!r} has the wrong number of original values")
+    scale = e.get("scale", 0.0)
+    if not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+        raise InvalidInput(f"fingerprint site {tensor!r} has a bad scale")
+    rows_n, cols_n = shape[0], numel // shape[0]
+    return Site(tensor, dtype, tuple(shape), index, original, float(scale),
+                _descriptor(e.get("rows"), rows_n), _descriptor(e.get("cols"), cols_n))
+
+
+def _descriptor(text: object, count: int) -> np.ndarray | None:
+    if text is None:
+        return None
+    raw = _unb64(text, "descriptor")
+    if len(raw) != count * len(QUANTILES) * 4:
+        raise InvalidInput("fingerprint descriptor has the wrong size")
+    return np.frombuffer(raw, dtype="<f4").reshape(count, len(QUANTILES)).astype(np.float64)
+
+
+def describe(matrix: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Quantiles of each row and each column: unchanged when the other axis is permuted, so a
+    detector can find where a hidden unit went (None on an axis too long or too short)."""
+    rows_n, cols_n = matrix.shape
+    rows = np.quantile(matrix, QUANTILES, axis=1).T if rows_n <= ALIGN_CAP and cols_n >= 8 else None
+    cols = np.quantile(matrix, QUANTILES, axis=0).T if cols_n <= ALIGN_CAP and rows_n >= 8 else None
+    return rows, cols
+
+
+# --- choosing positions (protect) ------------------------------------------------------------------
+def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]],
+           load: Callable[[str], tuple[np.ndarray, np.ndarray]], key: bytes, *,
+           max_positions: int = MAX_POSITIONS) -> Secret | None:
+    """Pick positions among locked float elements.  ``locked`` maps a tensor name to (dtype,
+    shape, number of locked elements); ``load(name)`` gives its values (flat) and a boolean mask
+    of its locked elements (flat) -- called only for the tensors chosen, so a large model is
+    never held in memory at once.
+
+    The ``MAX_SITES`` tensors with the most locked elements carry the positions; within them the
+    locked elements of largest magnitude relative to their tensor's spread (pruning keeps those).
+    δ per tensor is set so the fingerprint's energy stays under ``ENERGY²`` of the locked part's
+    (and never above ``MAX_ALPHA`` of its standard deviation).  None: too little is locked."""
+    usable = {k: v for k, v in locked.items() if v[0] in FLOAT and v[2] > 0 and math.prod(v[1]) > 1}
+    if sum(v[2] for v in usable.values()) < MIN_POSITIONS:
+        return None
+    pool = []
+    for name in sorted(usable, key=lambda k: -usable[k][2])[:MAX_SITES]:
+        values, mask = load(name)
+        spread = float(values.std(dtype=np.float64))
+        if not spread > 0 or not math.isfinite(spread):
+            continue
+        idx = np.flatnonzero(mask)
+        pool.append((name, values, idx, np.abs(values[idx].astype(np.float64)) / spread, spread))
+    if sum(len(p[2]) for p in pool) < MIN_POSITIONS:
+        return None
+    rel = np.concatenate([p[3] for p in pool])
+    n = min(max_positions, len(rel) // 2)  # half the candidates at most: the larger half by magnitude
+    cut = np.partition(rel, len(rel) - n)[len(rel) - n] if n < len(rel) else -np.inf
+    sites = []
+    taken = 0
+    for name, values, idx, r, spread in pool:
+        pick = np.sort(idx[r >= cut])[: n - taken]
+        if not len(pick):
+            continue
+        taken += len(pick)
+        dtype, shape, count = usable[name]
+        alpha = min(MAX_ALPHA, ENERGY * math.sqrt(count / len(pick)))
+        rows_n = shape[0] if shape else 1
+        rows, cols = describe(values.reshape(rows_n, -1))
+        sites.append(Site(name, dtype, tuple(shape), pick.astype(np.uint32),
+                          from_float(values[pick].astype(np.float64), dtype), alpha * spread, rows, cols))
+        if taken >= n:
+            break
+    return Secret(model_id, key, tuple(sites))
+
+
+# --- chips and a license's values (server) ---------------------------------------------------------
+def chips(key: bytes, model_id: str, license_id: str, n: int) -> np.ndarray:
+    """License ``license_id``'s ±1 chips for ``model_id``: HKDF-Expand(SHA-256) under the model's
+    fingerprint key, so nobody without the key can predict (or subtract) them."""
+    info = b"\0".join([b"layerlock-fp-chips-v1", model_id.encode(), license_id.encode()])
+    raw = HKDFExpand(hashes.SHA256(), (n + 7) // 8, info).derive(key)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n]
+    return bits.astype(np.float64) * 2.0 - 1.0
+
+
+def license_values(secret: Secret, license_id: str) -> bytes:
+    """The bytes the sidecar writes over the decoys: ``w + δ·s`` per position, in each tensor's
+    dtype, sites in order.  A value that rounds back to ``w`` is pushed one step the chip's way,
+    so no position ever carries the original."""
+    s = chips(secret.key, secret.model_id, license_id, secret.n)
+    out, pos = [], 0
+    for site in secret.sites:
+        k = len(site.index)
+        w = to_float(site.original, site.dtype)
+        v = w + site.scale * s[pos:pos + k]
+        raw = from_float(v, site.dtype)
+        back = to_float(raw, site.dtype)
+        same = back == w
+        if np.any(same):
+            v = v.copy()
+            for i in np.flatnonzero(same):
+                v[i] = _step(w[i], s[pos + i], site.dtype)
+            raw = from_float(v, site.dtype)
+        out.append(raw)
+        pos += k
+    return b"".join(out)
+
+
+def _step(w: float, direction: float, dtype: str) -> float:
+    """The next representable value of ``dtype`` from ``w`` in ``direction``."""
+    target = math.inf if direction > 0 else -math.inf
+    if dtype == "F64":
+        return float(np.nextafter(w, target))
+    if dtype in ("F32", "BF16"):
+        value = np.float32(w)
+        for _ in range(1 << 16 if dtype == "BF16" else 1):
+            value = np.nextafter(value, np.float32(target))
+            if to_float(from_float(np.array([value]), dtype), dtype)[0] != w:
+                break
+        return float(value)
+    return float(np.nextafter(np.float16(w), np.float16(target)))
+
+
+# --- tracing ---------------------------------------------------------------------------------------
+def threshold(licenses: int, statistics: int = 2) -> float:
+    """τ with ``statistics · max(licenses, 10^6) · exp(−τ²/2) ≤ FALSE_ACCUSATION``."""
+    scanned = max(licenses, LICENSES_FOR_BOUND)
+    return math.sqrt(2.0 * math.log(statistics * scanned / FALSE_ACCUSATION))
+
+
+def false_positive_bound(z: float, licenses: int, statistics: int = 2) -> float:
+    """Bound on the chance that an innocent license among ``licenses`` scores ≥ ``z``."""
+    return min(1.0, statistics * max(licenses, 1) * math.exp(-z * z / 2.0))
+
+
+def residual(secret: Secret, observed: np.ndarray) -> np.ndarray:
+    """``clip((x − w)/δ)``; positions the suspect lacks (NaN) count as 0 (no evidence)."""
+    if observed.shape != (secret.n,):
+        raise InvalidInput(f"expected {secret.n} values at the fingerprint positions, got {observed.shape}")
+    scales = secret.scales()
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = (observed - secret.originals()) / np.where(scales > 0, scales, 1.0)
+    y = np.where(np.isfinite(y), y, 0.0)
+    clipped: np.ndarray = np.clip(y, -CLIP, CLIP)
+    return clipped
+
+
+def scores(secret: Secret, candidates: Sequence[np.ndarray], license_ids: Sequence[str]) -> np.ndarray:
+    """The statistic per license: max over candidate extractions of ``s·y/‖y‖`` (0 when ‖y‖ = 0)."""
+    ys = []
+    for observed in candidates:
+        y = residual(secret, observed)
+        norm = float(np.linalg.norm(y))
+        ys.append(y / norm if norm > 0 else y)
+    stack = np.stack(ys, axis=1)  # (n, K)
+    out = np.empty(len(license_ids))
+    block = 4096
+    for start in range(0, len(license_ids), block):
+        ids = license_ids[start:start + block]
+        mat = np.stack([chips(secret.key, secret.model_id, lic, secret.n) for lic in ids])
+        out[start:start + len(ids)] = (mat @ stack).max(axis=1)
+    return out
+
+
+# --- extraction (ops, from a suspect file) ---------------------------------------------------------
+def extract(public: Mapping[str, object], tensors: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The suspect's values at the fingerprint positions: as found, and re-aligned (rows and
+    columns matched to the original's by their quantile descriptors, which undoes a permutation
+    of hidden units).  Neither depends on any license's chips, which keeps the bound honest."""
+    sites = [_site(e) for e in public["sites"]]  # type: ignore[attr-defined]
+    plain, aligned = [], []
+    for site in sites:
+        arr = _find(site, tensors)
+        k = len(site.index)
+        if arr is None:
+            plain.append(np.full(k, np.nan))
+            aligned.append(np.full(k, np.nan))
+            continue
+        rows_n, cols_n = site.matrix
+        mat = arr.reshape(rows_n, cols_n)
+        r, c = np.divmod(site.index.astype(np.int64), cols_n)
+        plain.append(mat[r, c])
+        rows, cols = describe(mat)
+        perm_r = _match(site.rows, rows) if site.rows is not None and rows is not None else None
+        perm_c = _match(site.cols, cols) if site.cols is not None and cols is not None else None
+        rr = perm_r[r] if perm_r is not None else r
+        cc = perm_c[c] if perm_c is not None else c
+        aligned.append(mat[rr, cc])
+    return [np.concatenate(plain), np.concatenate(aligned)]
+
+
+def _find(site: Site, tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The suspect's tensor for a site: same name, else the one tensor of the same shape (or its
+    transpose: exporters store some weights transposed)."""
+    arr = tensors.get(site.tensor)
+    if arr is not None and tuple(arr.shape) == site.shape:
+        return np.asarray(arr, dtype=np.float64)
+    same = [a for a in tensors.values() if tuple(a.shape) == site.shape]
+    if len(same) == 1:
+        return np.asarray(same[0], dtype=np.float64)
+    if len(site.shape) == 2:
+        flipped = [a for a in tensors.values() if tuple(a.shape) == site.shape[::-1]]
+        if len(flipped) == 1:
+            return np.asarray(flipped[0], dtype=np.float64).T
+    return None
+
+
+def _match(reference: np.ndarray, suspect: np.ndarray) -> np.ndarray:
+    """perm[i] = the suspect's row holding the reference's row i (a one-to-one assignment)."""
+    cost = ((reference[:, None, :] - suspect[None, :, :]) ** 2).sum(axis=2)
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:  # greedy: good enough when rows are distinct
+        perm = np.full(len(reference), -1, dtype=np.int64)
+        used = np.zeros(len(suspect), dtype=bool)
+        for flat in np.argsort(cost, axis=None):
+            i, j = divmod(int(flat), cost.shape[1])
+            if perm[i] < 0 and not used[j]:
+                perm[i], used[j] = j, True
+        return perm
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(len(reference), dtype=np.int64)
+    perm[rows] = cols
+    return perm
