@@ -81,6 +81,16 @@ ROUTES: list[tuple[str, str, str, str | None, dict[str, Any] | None, list[str]]]
     ("get", "/v1/models", "List models", describe(READERS), None, [*LIST_Q, "status"]),
     ("get", "/v1/models/{model_id}", "Show a model (never its key)", describe(READERS), None, []),
     ("post", "/v1/models/{model_id}/retire", "Retire a model", describe(WRITERS), None, []),
+    ("get", "/v1/models/{model_id}/fingerprint", "A fingerprinted model's public fingerprint layout (positions, "
+     "alignment descriptors; never the key or the real values): what `layerlock trace` extracts", describe(AUDITORS),
+     None, []),
+    ("post", "/v1/models/{model_id}/trace", "Rank licenses by how strongly a suspect carries their fingerprint; "
+     "names those above a threshold with false accusation <= 1e-9 per trace (audited)", describe(AUDITORS),
+     _obj({"suspect": {**_S, "description": "name of the file traced (1-256 characters)"},
+           "sha256": {**_S, "description": "its SHA-256, 64 lowercase hex digits"},
+           "values": {"type": "array", "minItems": 1, "maxItems": 2,
+                      "items": {**_S, "description": "base64url of one little-endian float32 per position"}}},
+          ("suspect", "values")), []),
     ("post", "/v1/licenses", "Issue a license", describe(WRITERS), LICENSE_BODY, []),
     ("get", "/v1/licenses", "List licenses", describe(READERS), None,
      [*LIST_Q, "machine", "model", "customer", "family", "kind", "status"]),
