@@ -13,7 +13,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from layerlock.shared.errors import TokenError
 from layerlock.shared.keys import jwk_thumbprint
-from layerlock.shared.tokens import AUDIENCE, LicenseClaims, jwks, parse_jwks, sign_token, verify_token
+from layerlock.shared.tokens import (
+    AUDIENCE,
+    MAX_TOKEN_LEN,
+    LicenseClaims,
+    jwks,
+    parse_jwks,
+    sign_token,
+    verify_token,
+)
 
 MACHINE = "LLK-S0QXV-GBENN-A5THD-M288J-U"
 
@@ -148,7 +156,7 @@ def test_jwks_rejects_mislabelled_kid(key):
 
 def test_oversized_and_mistyped_claims_rejected(key, pinned):
     with pytest.raises(TokenError, match="compact JWS"):
-        verify_token("a" * 20000 + ".b.c", pinned, machine_code=MACHINE)
+        verify_token("a" * (MAX_TOKEN_LEN + 1) + ".b.c", pinned, machine_code=MACHINE)
     payload = _claims().to_dict()
     payload["wk"] = 12345
     token = jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": jwk_thumbprint(key.public_key())})
