@@ -24,13 +24,14 @@ Hoeffding gives ``P(z_L ≥ τ) ≤ exp(−τ²/2)`` -- whatever the suspect mod
 ``K`` alignments (as found, and re-aligned for permuted hidden units, computed without any
 chips), so a union bound over the ``K`` statistics and the ``L`` licenses scanned bounds the
 chance that *any* innocent license reaches ``τ`` by ``K·L·exp(−τ²/2)``.  :func:`threshold` picks
-``τ`` so that this is ≤ 1e-9 for at least 10^6 licenses.  (Chips come from HKDF-SHA256 under a
-per-model key: "independent fair signs" holds as long as HKDF is a PRF.)
+``τ`` so that this is ≤ 1e-9 for at least 10^6 licenses.  (Chips are the AES-256-CTR keystream under
+a per-model key, one nonce per license: "independent fair signs" holds as long as AES is a PRP.)
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from layerlock.shared.errors import InvalidInput
@@ -259,23 +261,51 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
                           from_float(values[pick].astype(np.float64), dtype), alpha * spread, rows, cols))
         if taken >= n:
             break
-    return Secret(model_id, key, tuple(sites))
+    # sites in the order of ``locked`` (the file order): the bundle header lists them so, and the
+    # sidecar writes a license's values site after site in that order
+    order = {name: i for i, name in enumerate(locked)}
+    return Secret(model_id, key, tuple(sorted(sites, key=lambda site: order[site.tensor])))
 
 
 # --- chips and a license's values (server) ---------------------------------------------------------
+def chip_key(key: bytes, model_id: str) -> bytes:
+    """The AES-256 key the model's chips are drawn under (HKDF-Expand of the fingerprint key)."""
+    return HKDFExpand(hashes.SHA256(), 32, b"layerlock-fp-chips-v2\0" + model_id.encode()).derive(key)
+
+
+def _nonce(license_id: str) -> bytes:
+    return hashlib.sha256(b"layerlock-fp-license\0" + license_id.encode()).digest()[:12]
+
+
+def chip_bytes(key: bytes, model_id: str, license_ids: Sequence[str], n: int) -> np.ndarray:
+    """Packed chips (one bit per position, 1 = +1), one row per license: the AES-256-CTR keystream
+    under :func:`chip_key` with the license's 96-bit nonce (a hash of its id) and a 32-bit block
+    counter from 0.  Nobody without the key can predict (or subtract) them.
+
+    Many licenses at once (a trace over a million): the counter blocks of every license are
+    encrypted in one call of the AES block function (ECB over the CTR counter blocks is exactly
+    the CTR keystream), so the cost per license is one hash, not one cipher object."""
+    blocks = (n + 127) // 128
+    counters = np.zeros((len(license_ids), blocks, 16), dtype=np.uint8)
+    counters[:, :, :12] = np.frombuffer(b"".join(_nonce(lic) for lic in license_ids),
+                                        dtype=np.uint8).reshape(-1, 1, 12)
+    counters[:, :, 12:] = np.arange(blocks, dtype=">u4").view(np.uint8).reshape(blocks, 4)
+    enc = Cipher(algorithms.AES(chip_key(key, model_id)), modes.ECB()).encryptor()  # noqa: S305 - CTR blocks
+    stream = enc.update(counters.tobytes()) + enc.finalize()
+    return np.frombuffer(stream, dtype=np.uint8).reshape(len(license_ids), blocks * 16)[:, :(n + 7) // 8]
+
+
 def chips(key: bytes, model_id: str, license_id: str, n: int) -> np.ndarray:
-    """License ``license_id``'s ±1 chips for ``model_id``: HKDF-Expand(SHA-256) under the model's
-    fingerprint key, so nobody without the key can predict (or subtract) them."""
-    info = b"\0".join([b"layerlock-fp-chips-v1", model_id.encode(), license_id.encode()])
-    raw = HKDFExpand(hashes.SHA256(), (n + 7) // 8, info).derive(key)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n]
+    """License ``license_id``'s ±1 chips for ``model_id`` (see :func:`chip_bytes`)."""
+    bits = np.unpackbits(chip_bytes(key, model_id, [license_id], n)[0])[:n]
     return bits.astype(np.float64) * 2.0 - 1.0
 
 
 def license_values(secret: Secret, license_id: str) -> bytes:
     """The bytes the sidecar writes over the decoys: ``w + δ·s`` per position, in each tensor's
-    dtype, sites in order.  A value that rounds back to ``w`` is pushed one step the chip's way,
-    so no position ever carries the original."""
+    dtype, sites in order.  A value that rounds back to ``w`` is pushed one step the chip's way
+    (the other way at the edge of the dtype's range), so no position ever carries the original
+    and none becomes infinite."""
     s = chips(secret.key, secret.model_id, license_id, secret.n)
     out, pos = [], 0
     for site in secret.sites:
@@ -284,11 +314,12 @@ def license_values(secret: Secret, license_id: str) -> bytes:
         v = w + site.scale * s[pos:pos + k]
         raw = from_float(v, site.dtype)
         back = to_float(raw, site.dtype)
-        same = back == w
-        if np.any(same):
-            v = v.copy()
-            for i in np.flatnonzero(same):
-                v[i] = _step(w[i], s[pos + i], site.dtype)
+        bad = (back == w) | ~np.isfinite(back)  # rounded back to w, or past the dtype's range
+        if np.any(bad):
+            v = back.copy()
+            for i in np.flatnonzero(bad):
+                stepped = _step(w[i], s[pos + i], site.dtype)
+                v[i] = stepped if math.isfinite(stepped) else _step(w[i], -s[pos + i], site.dtype)
             raw = from_float(v, site.dtype)
         out.append(raw)
         pos += k
@@ -335,19 +366,29 @@ def residual(secret: Secret, observed: np.ndarray) -> np.ndarray:
 
 
 def scores(secret: Secret, candidates: Sequence[np.ndarray], license_ids: Sequence[str]) -> np.ndarray:
-    """The statistic per license: max over candidate extractions of ``s·y/‖y‖`` (0 when ‖y‖ = 0)."""
-    ys = []
+    """The statistic per license: max over candidate extractions of ``s·y/‖y‖`` (0 when ‖y‖ = 0).
+
+    Computed on the packed chips: ``s·y = 2·Σ_{bits set} y − Σ y``, and the first sum is a
+    lookup per chip byte in a table of the 256 possible partial sums of its 8 positions -- so a
+    million licenses cost a few seconds, not a million float vectors."""
+    n = secret.n
+    padded = (n + 7) // 8 * 8
+    tables = []
     for observed in candidates:
         y = residual(secret, observed)
         norm = float(np.linalg.norm(y))
-        ys.append(y / norm if norm > 0 else y)
-    stack = np.stack(ys, axis=1)  # (n, K)
-    out = np.empty(len(license_ids))
-    block = 4096
+        y = np.concatenate([y / norm if norm > 0 else y, np.zeros(padded - n)])
+        # table[p, v] = sum of y over the set bits of byte value v at byte p (bit 7 first, as unpackbits)
+        bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float64)  # (256, 8)
+        tables.append((y.reshape(-1, 8) @ bits.T, float(y.sum())))
+    out = np.full(len(license_ids), -np.inf)
+    offsets = np.arange(padded // 8, dtype=np.int32) * 256
+    block = 8192
     for start in range(0, len(license_ids), block):
-        ids = license_ids[start:start + block]
-        mat = np.stack([chips(secret.key, secret.model_id, lic, secret.n) for lic in ids])
-        out[start:start + len(ids)] = (mat @ stack).max(axis=1)
+        flat = chip_bytes(secret.key, secret.model_id, license_ids[start:start + block], n) + offsets
+        for table, total in tables:
+            z = 2.0 * np.take(table.ravel(), flat).sum(axis=1) - total
+            out[start:start + len(flat)] = np.maximum(out[start:start + len(flat)], z)
     return out
 
 
