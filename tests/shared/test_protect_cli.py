@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from layerlock.license_server.cli import main
-from layerlock.shared.keys import b64u_encode
 from layerlock.shared.fingerprint import Secret
+from layerlock.shared.keys import b64u_encode
 from layerlock.shared.lockfile import read_header, restore
 from layerlock.shared.restore import write_fingerprint
 from layerlock.shared.wrap import open_fingerprint_from_vendor, open_from_vendor
