@@ -34,6 +34,9 @@ class ServerConfig:
     issuer: str = "layerlock"
     clock_skew: int = 300
     max_body_bytes: int = 64 * 1024
+    #: ``POST /v1/models`` only: a fingerprinted model's sealed secret (original values at the
+    #: positions, alignment descriptors) is up to a few MiB.
+    max_model_body_bytes: int = 16 * 1024 * 1024
     #: Signed activation requests one machine may make a minute (only requests that prove
     #: possession of the machine key count).
     rate_machine_per_min: int = 60
@@ -119,6 +122,8 @@ class ServerConfig:
             raise ConfigError("need 1 <= min_lifetime and default_token_ttl <= default_offline_grace")
         if self.redis_timeout <= 0 or self.max_body_bytes < 1024:
             raise ConfigError("redis_timeout must be > 0 and max_body_bytes >= 1024")
+        if self.max_model_body_bytes < self.max_body_bytes:
+            raise ConfigError("max_model_body_bytes must be >= max_body_bytes")
         if self.offline_request_ttl < self.clock_skew:
             raise ConfigError("offline_request_ttl must be >= clock_skew")
         if min(self.background_interval, self.webhook_timeout, self.webhook_backoff) <= 0 or \

@@ -144,8 +144,7 @@ class Secret:
         doc = {"v": FORMAT, "model": self.model_id, "key": _b64(self.key), "sites": [
             {"tensor": s.tensor, "dtype": s.dtype, "shape": list(s.shape),
              "index": _b64(s.index.astype("<u4").tobytes()), "original": _b64(s.original), "scale": s.scale,
-             "rows": None if s.rows is None else _b64(s.rows.astype("<f4").tobytes()),
-             "cols": None if s.cols is None else _b64(s.cols.astype("<f4").tobytes())} for s in self.sites]}
+             "rows": _desc(s.rows), "cols": _desc(s.cols)} for s in self.sites]}
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -170,8 +169,7 @@ class Secret:
         return {"model_id": self.model_id, "positions": self.n, "sites": [
             {"tensor": s.tensor, "dtype": s.dtype, "shape": list(s.shape),
              "index": _b64(s.index.astype("<u4").tobytes()),
-             "rows": None if s.rows is None else _b64(s.rows.astype("<f4").tobytes()),
-             "cols": None if s.cols is None else _b64(s.cols.astype("<f4").tobytes())} for s in self.sites]}
+             "rows": _desc(s.rows), "cols": _desc(s.cols)} for s in self.sites]}
 
 
 def _site(e: object) -> Site:
@@ -199,13 +197,21 @@ def _site(e: object) -> Site:
                 _descriptor(e.get("rows"), rows_n), _descriptor(e.get("cols"), cols_n))
 
 
+def _desc(values: np.ndarray | None) -> str | None:
+    """Descriptors travel as float16: three digits tell rows apart, at half the size."""
+    if values is None:
+        return None
+    limit = float(np.finfo(np.float16).max)
+    return _b64(np.clip(values, -limit, limit).astype("<f2").tobytes())
+
+
 def _descriptor(text: object, count: int) -> np.ndarray | None:
     if text is None:
         return None
     raw = _unb64(text, "descriptor")
-    if len(raw) != count * len(QUANTILES) * 4:
+    if len(raw) != count * len(QUANTILES) * 2:
         raise InvalidInput("fingerprint descriptor has the wrong size")
-    return np.frombuffer(raw, dtype="<f4").reshape(count, len(QUANTILES)).astype(np.float64)
+    return np.frombuffer(raw, dtype="<f2").reshape(count, len(QUANTILES)).astype(np.float64)
 
 
 def describe(matrix: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -34,9 +34,10 @@ _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _INT = re.compile(r"-?[0-9]{1,20}")
 
 
-def body(allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
-    """The request body as a JSON object with only ``allowed`` fields and all ``required`` ones."""
-    raw = _raw_body()
+def body(allowed: Iterable[str], required: Iterable[str] = (), *, limit: int | None = None) -> dict[str, Any]:
+    """The request body as a JSON object with only ``allowed`` fields and all ``required`` ones.
+    ``limit``: this route's body cap when it is not ``max_body_bytes`` (model registration)."""
+    raw = _raw_body(limit)
     if not raw:
         doc: Any = {}
     else:
@@ -73,10 +74,14 @@ def _check_depth(text: str) -> None:
         raise InvalidInput(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
 
 
-def _raw_body() -> bytes:
-    """The body, capped at ``max_body_bytes`` — also for chunked uploads, which carry no length
-    (gunicorn does not mark them ``wsgi.input_terminated``, so werkzeug alone would see none)."""
-    limit = services().config.max_body_bytes
+def _raw_body(limit: int | None = None) -> bytes:
+    """The body, capped at ``max_body_bytes`` (or ``limit``) — also for chunked uploads, which
+    carry no length (gunicorn does not mark them ``wsgi.input_terminated``, so werkzeug alone
+    would see none)."""
+    if limit is None:
+        limit = services().config.max_body_bytes
+    else:
+        request.max_content_length = limit  # werkzeug's own cap for this request
     if request.content_length is not None:
         if request.content_length > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")

@@ -38,7 +38,7 @@ def intake_key() -> dict[str, str]:
 @require(*WRITERS)
 def register() -> tuple[dict[str, Any], int]:
     doc = body({"model_id", "name", "version", "family", "released_at", "sealed_key"},
-               required=("model_id", "sealed_key"))
+               required=("model_id", "sealed_key"), limit=services().config.max_model_body_bytes)
     model_id = check_model_id(doc["model_id"], field="model_id")
     name, version = string(doc, "name", model_id), string(doc, "version", "")
     family = check_model_id(doc["family"], field="family") if doc.get("family") is not None else ""

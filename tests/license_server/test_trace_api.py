@@ -144,3 +144,36 @@ def _jwks(server):
     from layerlock.shared.tokens import parse_jwks
 
     return parse_jwks(server.api("GET", "/.well-known/jwks.json").json())
+
+
+def test_model_registration_has_its_own_body_cap(server):
+    """A fingerprinted model's sealed secret is MiBs: /v1/models takes up to max_model_body_bytes,
+    every other route stays at max_body_bytes (64 KiB)."""
+    big = {"model_id": "big-body", "sealed_key": {"v": 1, "pad": "x" * 200_000}}
+    resp = server.api("POST", "/v1/models", big)
+    assert resp.status_code == 400 and resp.json()["error"] != "payload_too_large", resp.text  # read, then judged
+    resp = server.api("POST", "/v1/licenses", {"machine": "x" * 200_000})
+    assert resp.status_code == 413 and resp.json()["error"] == "payload_too_large"
+    huge = {"model_id": "huge-body", "sealed_key": {"pad": "x" * (17 * 1024 * 1024)}}
+    assert server.api("POST", "/v1/models", huge, timeout=60).status_code == 413
+
+
+def test_kek_rotation_reseals_the_fingerprint_secret(server, fingerprinted):
+    model_id, secret, _ = fingerprinted
+    r = server.redis()
+    before = r.get(f"ll:model:{model_id}:fp")
+    assert before and r.hget(f"ll:model:{model_id}", "fp_positions") == str(secret.n)
+    rot = server.api("POST", "/v1/keys/rotate-kek")
+    assert rot.status_code == 200, rot.text
+    after = r.get(f"ll:model:{model_id}:fp")
+    assert after != before and r.hget(f"ll:model:{model_id}", "kek_id") == rot.json()["kek_id"]
+    m = new_machine()
+    register(server, m)
+    lic = issue(server, m, model_id)["license_id"]
+    resp = activate(server, m, model_id)
+    assert resp.status_code == 200, resp.text
+    claims = verify_token(resp.json()["token"], _jwks(server), machine_code=m.code, model_id=model_id,
+                          issuer="layerlock", leeway=60)
+    unlock = open_sealed(claims.wrapped_key, MachineKemKeys(m.kx).private_for(claims.suite), claims.suite,
+                         binding_info(lic, m.code, model_id))
+    assert unlock[32:] == license_values(secret, lic)
