@@ -63,7 +63,9 @@ def create_app(config: ServerConfig, *, redis_client: RedisClient | None = None)
                           "or set LAYERLOCK_REDIS_URL")
     r = redis_client or connect(config.redis_url, config.redis_timeout)
     svc = Services(config=config, redis=r, keys=KeyStore(config.key_dir, max_token_life=config.max_offline_grace),
-                   audit=AuditLog(r), commits=Commits(r), policy=SuitePolicy.from_file(config.policy_file),
+                   audit=AuditLog(r), commits=Commits(r, wait_replicas=config.redis_wait_replicas,
+                                                       wait_timeout_ms=config.redis_wait_timeout_ms),
+                   policy=SuitePolicy.from_file(config.policy_file),
                    activation_reader=ActivationReader(r))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -71,7 +73,7 @@ def create_app(config: ServerConfig, *, redis_client: RedisClient | None = None)
     app.extensions["layerlock"] = svc
     try:
         svc.ensure_bootstrap()
-    except REDIS_DOWN:
+    except (*REDIS_DOWN, Unavailable):  # Redis down, or the bootstrap key not yet confirmed by a replica
         log.warning("redis unreachable at startup; will retry", extra={"fields": {"event": "startup"}})
 
     from layerlock.license_server.api import (

@@ -52,7 +52,22 @@ class ServerConfig:
     max_offline_grace: int = 90 * 86_400
     policy_file: str = ""
     log_level: str = "INFO"
+    #: Seconds a client is told to wait (``Retry-After``) on every 503: Redis unreachable, a
+    #: write not replicated, a request shed.
     retry_after: int = 2
+    #: Replicas that must confirm a write before it is acknowledged (``WAIT n``, after the commit
+    #: that writes it): 0 for a single Redis (durability is then its AOF, ``appendfsync``), 1 with
+    #: a Sentinel-managed primary and replica so that a failover loses nothing acknowledged.  A
+    #: write no replica confirmed in ``redis_wait_timeout_ms`` is answered 503 ``not_replicated``
+    #: + ``Retry-After`` (it did happen on the primary; see README "Scaling out").
+    redis_wait_replicas: int = 0
+    #: How long a write waits for its replicas (milliseconds); below ``redis_timeout`` so that
+    #: the client's socket timeout never fires first.
+    redis_wait_timeout_ms: int = 500
+    #: Load shedding: a request that waited longer than this in a gunicorn worker's queue before
+    #: a thread took it is answered 503 ``overloaded`` + ``Retry-After`` at once, unread by the
+    #: app (so it changes nothing), instead of being served late or timing out.  0: never shed.
+    shed_queue_ms: int = 500
     #: Trust ``X-Forwarded-For`` from the reverse proxy (set when nginx is in front).
     trust_proxy: bool = False
     #: How old an air-gapped activation request file may be when ops submit it (it travels by
@@ -124,6 +139,11 @@ class ServerConfig:
             raise ConfigError("redis_timeout must be > 0 and max_body_bytes >= 1024")
         if self.max_model_body_bytes < self.max_body_bytes:
             raise ConfigError("max_model_body_bytes must be >= max_body_bytes")
+        if self.redis_wait_replicas < 0 or self.shed_queue_ms < 0 or self.retry_after < 1:
+            raise ConfigError("redis_wait_replicas and shed_queue_ms must be >= 0, retry_after >= 1")
+        if self.redis_wait_replicas and not 1 <= self.redis_wait_timeout_ms < self.redis_timeout * 1000:
+            raise ConfigError("redis_wait_timeout_ms must be >= 1 and below redis_timeout (in ms): a write "
+                              "waiting for its replicas must not outlast the client's socket timeout")
         if self.offline_request_ttl < self.clock_skew:
             raise ConfigError("offline_request_ttl must be >= clock_skew")
         if min(self.background_interval, self.webhook_timeout, self.webhook_backoff) <= 0 or \

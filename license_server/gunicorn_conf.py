@@ -12,6 +12,8 @@ to run it elsewhere) as a supervised child (``background.py``).
 
 Workers are gthread workers whose own error replies (request line or headers too long, malformed
 requests) use the API's JSON shape ``{"error", "message"}`` instead of gunicorn's HTML page.
+They also shed load (:class:`Shedder`): a request that waited in the worker's queue longer than
+``shed_queue_ms`` is answered 503 ``overloaded`` + ``Retry-After`` without reaching the app.
 gunicorn is not meant to face the Internet: a thread is held for as long as a client takes to
 send its body, so a few slow clients stall it.  Put nginx (``deploy/nginx-tls.conf``) in front;
 the master warns when it is bound to anything but loopback or a Unix socket.
@@ -25,6 +27,9 @@ import logging
 import os
 import shutil
 import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gunicorn import util
@@ -102,11 +107,76 @@ def _error_code(status: int) -> str:
     return exc().name.lower().replace(" ", "_") if exc is not None else "error"
 
 
+#: How long the request the current thread serves waited in its worker's queue (seconds).
+_queue = threading.local()
+
+
+class Shedder:
+    """WSGI middleware: answer 503 ``overloaded`` + ``Retry-After`` at once, without running the
+    app, when the request waited in the worker's queue longer than ``after`` seconds.
+
+    Why queue time: it is what a client feels and it adapts to what requests cost (a storm of
+    activations after an outage, each ~2 ms of CPU, piles up in gthread's unbounded queue until
+    clients time out and retry on top).  Shedding the late ones costs a fraction of serving them
+    and keeps everyone else's latency near ``after``; the sidecars come back after
+    ``Retry-After`` with jitter.  A shed request never reaches Flask, so it changes no state and
+    writes no audit record.  Probes and the endpoints that never touch Redis are never shed
+    (a liveness probe failing under load would only make a restart add to it)."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], after: float, retry_after: int, log: Any) -> None:
+        from layerlock.license_server.openapi import NO_REDIS
+        from layerlock.shared.errors import Overloaded
+
+        self.app, self.after, self.log = app, after, log
+        self.exempt = frozenset(NO_REDIS)
+        shed = Overloaded(f"the license server is overloaded; retry after {retry_after} s")
+        self.body = json.dumps(shed.to_dict()).encode() + b"\n"
+        self.headers = [("Content-Type", "application/json"), ("Retry-After", str(retry_after)),
+                        ("Content-Length", str(len(self.body)))]
+        self._lock = threading.Lock()
+        self._shed, self._logged = 0, time.monotonic()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if self.after and getattr(_queue, "waited", 0.0) > self.after and environ.get("PATH_INFO") not in self.exempt:
+            self._count()
+            start_response("503 Service Unavailable", list(self.headers))
+            return [self.body]
+        return self.app(environ, start_response)
+
+    def _count(self) -> None:
+        """One warning per 10 s at most, with how many were shed: not one line per request."""
+        with self._lock:
+            self._shed += 1
+            now = time.monotonic()
+            if now - self._logged < 10:
+                return
+            shed, self._shed, self._logged = self._shed, 0, now
+        self.log.warning("overloaded: shed %d request(s) that waited over %d ms in the queue",
+                         shed, round(self.after * 1000))
+
+
 class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]
     """gunicorn's gthread worker; the replies gunicorn writes itself (414 request line too long,
     431 headers too large, 400 malformed request, 500 before the app ran) are JSON like every
     other error of the API.  gunicorn still classifies and logs the error: its HTML page is
-    rendered into a stand-in socket, and only the status line is kept from it."""
+    rendered into a stand-in socket, and only the status line is kept from it.  It measures how
+    long each request waited for a thread, for :class:`Shedder`."""
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        from layerlock.license_server.config import ServerConfig
+
+        cfg = ServerConfig.load()
+        app: Callable[..., Iterable[bytes]] = getattr(self, "wsgi")  # noqa: B009 - gunicorn's attribute is untyped
+        self.wsgi = Shedder(app, cfg.shed_queue_ms / 1000, cfg.retry_after, self.log)
+
+    def enqueue_req(self, conn: Any) -> None:
+        conn.layerlock_queued = time.monotonic()
+        super().enqueue_req(conn)
+
+    def handle(self, conn: Any) -> Any:
+        _queue.waited = time.monotonic() - getattr(conn, "layerlock_queued", time.monotonic())
+        return super().handle(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         captured = _Captured()

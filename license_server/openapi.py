@@ -149,6 +149,27 @@ EXTRA_ERRORS = {("post", "/v1/activate"): {401, 403, 429}, ("post", "/v1/enroll"
                 ("get", "/v1/webhooks/deliveries"): {400}}
 
 
+#: Operations whose answer depends on a Redis write being confirmed by replicas
+#: (``redis_wait_replicas``): every write, and the checkpoint (it covers other clients' writes).
+CONFIRMED = {("get", "/v1/audit/checkpoint")}
+_503 = ("Service Unavailable, always with Retry-After (seconds). error `unavailable`: Redis unreachable "
+        "(or failing over); `overloaded`: the request was shed unread, nothing was done")
+_503_WRITE = (_503 + "; `not_replicated`: the change WAS applied on the Redis primary but no replica "
+              "confirmed it in time (LAYERLOCK_REDIS_WAIT_REPLICAS), so it may or may not survive a failover: "
+              "read it back before retrying a request that creates something (a retried issuance issues a "
+              "second license; a retried registration or revocation answers 409)")
+
+
+def _described(method: str, path: str, code: int) -> dict[str, Any]:
+    if code != 503:
+        return {"description": HTTPStatus(code).phrase, "content": {"application/json": {"schema": ERROR}}}
+    write = method != "get" or (method, path) in CONFIRMED
+    return {"description": _503_WRITE if write else _503,
+            "headers": {"Retry-After": {"description": "seconds to wait before retrying",
+                                        "schema": {"type": "integer", "minimum": 1}}},
+            "content": {"application/json": {"schema": ERROR}}}
+
+
 def _errors(method: str, path: str, roles: str | None, query: list[str]) -> set[int]:
     """The error statuses an operation can answer, each with an Error body."""
     codes = set(EXTRA_ERRORS.get((method, path), ()))
@@ -175,8 +196,7 @@ def document() -> dict[str, Any]:
             "201" if (method, path) in CREATED else "200": {
                 "description": "Created" if (method, path) in CREATED else "OK",
                 "content": {media: {"schema": _S} if media.startswith("text/") else {}}},
-            **{str(c): {"description": HTTPStatus(c).phrase, "content": {"application/json": {"schema": ERROR}}}
-               for c in sorted(_errors(method, path, roles, query))}}}
+            **{str(c): _described(method, path, c) for c in sorted(_errors(method, path, roles, query))}}}
         if roles:
             op["security"] = [{"apiKey": []}]
             op["description"] = f"Roles: {roles}."

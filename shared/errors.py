@@ -191,6 +191,37 @@ class Unavailable(LayerlockError):
     code = "unavailable"
 
 
+class NotReplicated(Unavailable):
+    """A write was applied on the Redis primary but no replica confirmed it in time (``WAIT``).
+
+    Not a refusal: the change *did* happen on the primary and is normally replicated moments
+    later; it is only not *guaranteed* to survive a failover, so it is not acknowledged (503 +
+    ``Retry-After``).  A client retrying must expect either outcome: the change may already be
+    there (a retried registration gets 409 ``conflict``, a retried revocation 409 "already
+    revoked"; a retried issuance issues a second license — read back before retrying it).  When
+    Redis refused the write outright (``min-replicas-to-write``: no replica connected) nothing
+    was written; the code is the same because a client cannot tell the two apart anyway.
+    """
+
+    code = "not_replicated"
+
+
+class Overloaded(Unavailable):
+    """The server shed the request unread (its queue was too long): nothing was done; retry
+    after the ``Retry-After`` it sent."""
+
+    code = "overloaded"
+
+
+class RetryLater(Unavailable):
+    """The server could not be asked and said when to come back (its ``Retry-After``, seconds):
+    what the sidecar's back-off honours (capped by its own ``retry_max``)."""
+
+    def __init__(self, message: str, retry_after: float, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class VerifierError(LayerlockError):
     """The sidecar refused a request (model not unlocked, dropped, unknown)."""
 

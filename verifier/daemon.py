@@ -5,7 +5,8 @@ reads the slot's state.  The rules, in the order they are applied:
 
 * A token is accepted only through :func:`layerlock.verifier.unlock.accept_token`.
 * Renewal is due at the token's ``rna`` (about two thirds of its life); failures back off
-  exponentially with jitter, between ``retry_min`` and ``retry_max``.
+  exponentially with jitter, between ``retry_min`` and ``retry_max``, and never sooner than the
+  server's ``Retry-After`` (itself jittered and capped: :func:`retry_delay`).
 * The server *cannot be asked* (network error, timeout, 5xx) or gives a *transient* answer
   (``rate_limited``, ``busy``, ``stale_request``, ``replay``, ``bad_signature`` — answers an
   outsider can provoke without the machine key, e.g. by flooding a machine code): keep serving
@@ -40,7 +41,15 @@ from typing import Any, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from layerlock.shared.errors import DEFINITIVE, ActivationDenied, ConfigError, LayerlockError, TokenError, Unavailable
+from layerlock.shared.errors import (
+    DEFINITIVE,
+    ActivationDenied,
+    ConfigError,
+    LayerlockError,
+    RetryLater,
+    TokenError,
+    Unavailable,
+)
 from layerlock.shared.machine import machine_code
 from layerlock.shared.tokens import LicenseClaims, extend_pinned, jwks
 from layerlock.verifier.clock import ClockGuard
@@ -93,6 +102,28 @@ class Slot:
                        license=self.license)
         out.update(expires_at=self.expires_at, renew_at=int(self.renew_at) if self.renew_at else None)
         return out
+
+
+def retry_delay(failures: int, retry_min: float, retry_max: float, *, retry_after: float | None = None,
+                until_expiry: float | None = None, rand: Callable[[], float] = random.random) -> float:
+    """Seconds until the next attempt after ``failures`` failures in a row (>= 1).
+
+    Why this shape: after an outage every sidecar of a fleet fails at about the same moment, and
+    identical schedules would bring them back in one wave, again and again.  So:
+
+    * exponential from ``retry_min``, doubling per failure, capped at ``retry_max``, with "equal
+      jitter" (a uniform draw in [half, all] of it): waves spread and thin out as they repeat;
+    * never sooner than the server's ``Retry-After`` (it is shedding load, or failing over), drawn
+      uniformly in [Retry-After, 2 × Retry-After] so a shed crowd does not return as one crowd;
+    * never later than ``retry_max``, nor — while a model is served from a token expiring in
+      ``until_expiry`` seconds — than half of that (but at least ``retry_min``), so a few tries
+      remain before it expires, whatever the server asked.
+    """
+    cap = retry_max if until_expiry is None else max(retry_min, min(retry_max, until_expiry / 2))
+    delay = min(cap, retry_min * 2.0 ** min(max(failures, 1) - 1, 60)) * (0.5 + rand() / 2)
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, min(cap, retry_after * (1 + rand())))
+    return delay
 
 
 def resolve_machine(config: Config, state: StateDir) -> str:
@@ -215,14 +246,13 @@ class Daemon:
                        "the token expired before it could be renewed (license server unreachable "
                        "for longer than the offline grace)", forget=True)
 
-    def _backoff(self, slot: Slot) -> None:
+    def _backoff(self, slot: Slot, retry_after: float | None = None) -> None:
         slot.failures += 1
         now = self.clock()
-        base = min(self.config.retry_max, self.config.retry_min * 2 ** (slot.failures - 1))
-        if slot.state == UNLOCKED and slot.expires_at is not None:
-            # Never sleep through the rest of the offline grace: keep a few tries before expiry.
-            base = min(base, max(self.config.retry_min, (slot.expires_at - now) / 2))
-        slot.renew_at = now + base * (0.5 + random.random() / 2)
+        # Never sleep through the rest of the offline grace: keep a few tries before expiry.
+        left = slot.expires_at - now if slot.state == UNLOCKED and slot.expires_at is not None else None
+        slot.renew_at = now + retry_delay(slot.failures, self.config.retry_min, self.config.retry_max,
+                                          retry_after=retry_after, until_expiry=left)
 
     def _attempt(self, slot: Slot) -> None:
         model_id = slot.config.id
@@ -236,7 +266,7 @@ class Daemon:
                 self._from_cache(slot, exc.message)
             else:
                 self._refresh_from_cache(slot)
-            self._backoff(slot)
+            self._backoff(slot, exc.retry_after if isinstance(exc, RetryLater) else None)
             return
         except ActivationDenied as exc:
             log("activation_denied", level="warning", model=model_id, reason=exc.code, detail=exc.message)

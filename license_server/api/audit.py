@@ -119,6 +119,7 @@ def checkpoint() -> dict[str, Any]:
         cp = doc["checkpoint"]  # kept: worth a webhook event (at most one a minute)
         queue_inline(svc.redis, "checkpoint.signed", {"size": cp["size"], "head": cp["head"], "ts": cp["ts"],
                                                       "kid": cp["kid"]}, f"cp{cp['size']}-{cp['ts']}")
+    svc.commits.confirm()  # what it covers is on the replicas before an auditor keeps it (store/commit.py)
     return doc
 
 

@@ -18,6 +18,23 @@ Two kinds of retry, each with a named limit:
   so every outcome is one of the serial orders.
 
 Running out of either is a :class:`~layerlock.shared.errors.Conflict` the caller may retry.
+
+**Replication** (``redis_wait_replicas`` > 0, a Sentinel-managed primary with replicas): Redis
+replicates asynchronously, so a change the primary applied can die with it in a failover.  A
+commit is therefore sent together with ``WAIT n timeout`` on the same connection (one pipelined
+round trip) and acknowledged only when ``n`` replicas hold it; otherwise it raises
+:class:`~layerlock.shared.errors.NotReplicated` (503 ``not_replicated`` + ``Retry-After``), which
+means *applied on the primary, not confirmed* — never "not done" (see the error's docstring).
+Every state change goes through :meth:`Commits.commit`, so licenses, machines, claims, keys,
+models, webhooks, nonces, seats and the audit chain all get it, and the webhook outbox with them
+(the script queues the event).  Writes outside the commit are left unconfirmed on purpose:
+rate-limit and rejection counters (:mod:`~layerlock.license_server.store.rejections`: a lost
+minute of counts only refreshes a budget), console sessions (a lost one asks for a new login),
+the background worker's delivery bookkeeping (at-least-once already: a lost step re-sends) and
+its ``lease_culled`` records (nobody was told; the next pass culls again).  A signed audit
+checkpoint covers records other requests wrote, possibly not yet replicated; it is confirmed with
+:meth:`Commits.confirm` before it leaves the server, so an auditor never holds a checkpoint of
+records a failover then lost (it would look like tampering).
 """
 
 from __future__ import annotations
@@ -27,16 +44,21 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import redis
+
 from layerlock.license_server.redis_conn import RedisClient
-from layerlock.license_server.store import dumps, outbox
+from layerlock.license_server.store import P, dumps, outbox
 from layerlock.license_server.store.audit import GENESIS, HEAD, STREAM, digest
-from layerlock.shared.errors import Conflict, LayerlockError, NotFound
+from layerlock.shared.errors import Conflict, LayerlockError, NotFound, NotReplicated
 
 T = TypeVar("T")
 #: Re-hashes of one record when other appends keep moving the chain head.
 MAX_HEAD_RACES = 100
 #: Fresh decisions of one read-decide-commit loop when what it read keeps changing.
 MAX_DECISIONS = 50
+#: A channel nobody listens on: ``PUBLISH`` to it is the cheapest command Redis replicates, the
+#: write :meth:`Commits.confirm` waits for (``WAIT`` only waits for this connection's own writes).
+BARRIER = P + "replication-barrier"
 SECRET_FIELDS = frozenset({"token", "wk", "api_key", "key", "sealed_key", "data_key", "sig", "claim_secret"})
 
 # KEYS: stream, head, then the state keys the program names by index (3, 4, ...).
@@ -176,11 +198,62 @@ def until_committed(attempt: Callable[[], T], *, what: str) -> T:
 
 
 class Commits:
-    """Commits :class:`Change`\\ s with their audit records (see the module docstring)."""
+    """Commits :class:`Change`\\ s with their audit records (see the module docstring).
 
-    def __init__(self, r: RedisClient) -> None:
+    ``wait_replicas``: replicas that must hold a commit before it returns (0: do not wait, a
+    single Redis), each commit waiting at most ``wait_timeout_ms``."""
+
+    def __init__(self, r: RedisClient, *, wait_replicas: int = 0, wait_timeout_ms: int = 500) -> None:
         self.r = r
         self._commit = r.register_script(_COMMIT)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+
+    def _run(self, keys: list[str], args: list[Any]) -> tuple[int, Any]:
+        """The commit script, then (with replicas to wait for) ``WAIT`` on the same connection."""
+        if not self.wait_replicas:
+            status, value = self._commit(keys=keys, args=args)
+            return int(status), value
+        for _ in range(2):
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                result, acked = pipe.execute(raise_on_error=False)
+            if isinstance(result, redis.exceptions.NoScriptError):  # a fresh primary: load it once
+                self.r.script_load(_COMMIT)
+                continue
+            if isinstance(result, redis.exceptions.ResponseError) and str(result).startswith("NOREPLICAS"):
+                raise NotReplicated("no replica is connected to the license database (min-replicas-to-write): "
+                                    "nothing was written; retry shortly") from None
+            if isinstance(result, Exception):
+                raise result
+            status, value = int(result[0]), result[1]
+            if status == 1:
+                self._confirmed(acked)
+            return status, value
+        raise NotReplicated("the commit script could not be loaded on the primary; retry shortly")
+
+    def _confirmed(self, acked: Any) -> None:
+        if isinstance(acked, Exception):
+            raise acked
+        if int(acked) < self.wait_replicas:
+            raise NotReplicated(
+                f"the change was applied but {int(acked)} of {self.wait_replicas} replica(s) confirmed it within "
+                f"{self.wait_timeout_ms} ms, so it is not acknowledged: it may or may not survive a failover. "
+                "Read it back before retrying a request that creates something")
+
+    def confirm(self) -> None:
+        """Return once ``wait_replicas`` replicas hold everything the primary held when called
+        (a replicated no-op write on this connection, then ``WAIT``), else
+        :class:`~layerlock.shared.errors.NotReplicated`.  For answers built from other clients'
+        writes (a signed checkpoint): ``WAIT`` alone only covers this connection's own."""
+        if not self.wait_replicas:
+            return
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.publish(BARRIER, "")
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+            _, acked = pipe.execute()
+        self._confirmed(acked)
 
     def append(self, type_: str, *, actor: str = "", head: str | None = None, **fields: Any) -> str:
         """Append one record (no state change); returns its stream id.  Secret-looking fields are refused."""
@@ -203,8 +276,7 @@ class Commits:
         prev = head or self.r.get(HEAD) or GENESIS
         for _ in range(MAX_HEAD_RACES):
             canonical = dumps({**body, "prev": prev})
-            status, value = self._commit(keys=keys, args=[GENESIS, prev, canonical, digest(canonical), program,
-                                                          *queue])
+            status, value = self._run(keys, [GENESIS, prev, canonical, digest(canonical), program, *queue])
             if status == 1:
                 return str(value)
             if status == 2:
