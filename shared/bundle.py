@@ -385,7 +385,8 @@ def _fingerprint(raw: Any, tensors: tuple[TensorInfo, ...],
         if type(i) is not int or not last < i < len(tensors) or tensors[i].dtype not in ("F16", "BF16", "F32", "F64"):
             raise BundleFormatError("bundle fingerprint names a tensor out of order, twice, or not a float tensor")
         try:
-            data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) if isinstance(text, str) else None
+            data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True) \
+                if isinstance(text, str) else None
         except (binascii.Error, ValueError):
             data = None
         if data is None or not data or len(data) % 4:

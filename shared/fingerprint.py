@@ -65,8 +65,8 @@ def _b64(data: bytes) -> str:
 def _unb64(text: object, what: str) -> bytes:
     if not isinstance(text, str):
         raise InvalidInput(f"fingerprint {what} is not a string")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    try:  # validate: urlsafe_b64decode alone skips characters outside the alphabet
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except ValueError:
         raise InvalidInput(f"fingerprint {what} is not base64url") from None
 
@@ -324,34 +324,52 @@ def license_values(secret: Secret, license_id: str) -> bytes:
         if np.any(bad):
             v = back.copy()
             for i in np.flatnonzero(bad):
-                stepped = _step(w[i], s[pos + i], site.dtype)
-                v[i] = stepped if math.isfinite(stepped) else _step(w[i], -s[pos + i], site.dtype)
+                stepped = step(w[i], s[pos + i], site.dtype)
+                v[i] = stepped if math.isfinite(stepped) else step(w[i], -s[pos + i], site.dtype)
             raw = from_float(v, site.dtype)
         out.append(raw)
         pos += k
     return b"".join(out)
 
 
-def _step(w: float, direction: float, dtype: str) -> float:
-    """The next representable value of ``dtype`` from ``w`` in ``direction``."""
-    target = math.inf if direction > 0 else -math.inf
-    if dtype == "F64":
-        return float(np.nextafter(w, target))
-    if dtype in ("F32", "BF16"):
-        value = np.float32(w)
-        for _ in range(1 << 16 if dtype == "BF16" else 1):
-            value = np.nextafter(value, np.float32(target))
-            if to_float(from_float(np.array([value]), dtype), dtype)[0] != w:
-                break
-        return float(value)
-    return float(np.nextafter(np.float16(w), np.float16(target)))
+def step(w: float, direction: float, dtype: str) -> float:
+    """The next representable value of ``dtype`` from ``w`` in ``direction`` -- or the other way
+    when that one is infinite (``w`` is the dtype's largest): never ``w``, never inf.
+
+    BF16 steps its 16-bit pattern (one step, not the up to 2^15 float32 steps it takes to cross a
+    BF16 rounding boundary), and finiteness is judged in the tensor's dtype, not in float32."""
+    for up in (direction > 0, direction <= 0):
+        value = _neighbour(w, up, dtype)
+        if math.isfinite(value):
+            return value
+    raise InvalidInput(f"no finite {dtype} value next to {w}")  # only for a non-finite w
+
+
+def _neighbour(w: float, up: bool, dtype: str) -> float:
+    if dtype == "BF16":
+        bits = int(np.frombuffer(from_float(np.array([w]), "BF16"), dtype="<u2")[0])
+        if bits & 0x7FFF == 0:  # ±0: the smallest subnormal of the direction's sign
+            bits = 0x0001 if up else 0x8001
+        elif bool(bits & 0x8000) != up:  # away from zero
+            bits += 1
+        else:
+            bits -= 1
+        return float(to_float(np.array([bits], dtype="<u2"), "BF16")[0])
+    target = math.inf if up else -math.inf
+    with np.errstate(over="ignore"):
+        if dtype == "F64":
+            return float(np.nextafter(w, target))
+        if dtype == "F32":
+            return float(np.nextafter(np.float32(w), np.float32(target)))
+        return float(np.nextafter(np.float16(w), np.float16(target)))
 
 
 # --- tracing ---------------------------------------------------------------------------------------
 def threshold(licenses: int, statistics: int = 2) -> float:
     """τ with ``statistics · max(licenses, 10^6) · exp(−τ²/2) ≤ FALSE_ACCUSATION``."""
     scanned = max(licenses, LICENSES_FOR_BOUND)
-    return math.sqrt(2.0 * math.log(statistics * scanned / FALSE_ACCUSATION))
+    tau = math.sqrt(2.0 * math.log(statistics * scanned / FALSE_ACCUSATION))
+    return math.nextafter(tau, math.inf)  # so that the bound at τ is ≤, not a rounding above
 
 
 def false_positive_bound(z: float, licenses: int, statistics: int = 2) -> float:

@@ -67,8 +67,9 @@ from layerlock.shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, wri
 from layerlock.shared.decoys import write_plan_decoys
 from layerlock.shared.errors import BundleFormatError, InvalidInput, LockError
 from layerlock.shared.fingerprint import FLOAT as FINGERPRINT_DTYPES
-from layerlock.shared.fingerprint import Secret, to_float
+from layerlock.shared.fingerprint import Secret, from_float, to_float
 from layerlock.shared.fingerprint import choose as choose_fingerprint
+from layerlock.shared.fingerprint import step as step_value
 from layerlock.shared.formats import TensorInfo, create_new
 from layerlock.shared.ids import is_model_id
 from layerlock.shared.plan import Plan, describe, load_base, make_plan, mapped
@@ -254,14 +255,23 @@ def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview) -> Secret |
 
 def _decoys_at_fingerprint(view: memoryview, locked_path: Path, infos: dict[str, TensorInfo],
                            fp_index: dict[str, np.ndarray]) -> None:
-    """Copy the locked file's decoys over the fingerprint positions of ``view`` (a private map)."""
-    with locked_path.open("rb") as fh:
+    """Copy the locked file's decoys over the fingerprint positions of ``view`` (a private map),
+    so the bundle holds decoys there too.  A decoy that happens to equal the original value
+    (random draws in a 16-bit dtype do, now and then) is moved one step in both files: no
+    original value at a fingerprint position is in anything shipped."""
+    with locked_path.open("r+b") as fh:
         for name, idx in fp_index.items():
             t = infos[name]
             item = formats.ITEMSIZE[t.dtype]
             fh.seek(t.offset)
-            decoy = np.frombuffer(fh.read(t.length), dtype=np.uint8).reshape(-1, item)
+            decoy = np.frombuffer(bytearray(fh.read(t.length)), dtype=np.uint8).reshape(-1, item)
             target = np.frombuffer(view[t.offset:t.offset + t.length], dtype=np.uint8).reshape(-1, item)
+            for i in idx[np.all(decoy[idx] == target[idx], axis=1)]:
+                w = float(to_float(target[i].tobytes(), t.dtype)[0])
+                moved = from_float(np.array([step_value(w, 1.0, t.dtype)]), t.dtype)
+                fh.seek(t.offset + int(i) * item)
+                fh.write(moved)
+                decoy[i] = np.frombuffer(moved, dtype=np.uint8)
             target[idx] = decoy[idx]
 
 

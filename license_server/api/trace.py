@@ -11,7 +11,9 @@ trace reveals which licenses exist and is evidence in a dispute.
 Why the bound still holds when the client extracts: the candidate vectors depend only on the
 suspect and the public descriptors, never on a license's chips (which only the server can
 compute), so each is a fixed vector in Hoeffding's bound; the server caps how many a request
-may submit (:data:`MAX_CANDIDATES`) and counts them in the union bound it reports.
+may submit (:data:`MAX_CANDIDATES`) and counts them in the union bound it reports.  That holds
+only if the caller cannot learn chips from earlier answers: so no answer (and no audit record)
+ever carries the score of a license that was not named.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from layerlock.shared.ids import check_model_id
 bp = Blueprint("trace", __name__)
 
 MAX_CANDIDATES = 2
-RANKED = 10  # licenses listed in the answer, best first
+RANKED = 10  # named licenses listed in the answer at most, best first
 STATISTIC = ("normalized correlation z = sum(s_i * y_i) / ||y||, y_i = clip((x_i - w_i) / delta_i, -3, 3) at the "
              "fingerprint positions, s_i = the license's +-1 chips (HKDF-SHA256 under the model's key); max over "
              "the submitted alignments; Hoeffding: P(innocent license >= z) <= K * L * exp(-z^2 / 2)")
@@ -75,13 +77,15 @@ def trace(model_id: str) -> dict[str, Any]:
     z = scores(secret, candidates, ids) if ids else np.zeros(0)
     k, count = len(candidates), len(ids)
     tau = threshold(count, k)
-    order = np.argsort(-z)[:RANKED]
+    hits = [i for i in np.argsort(-z)[:RANKED] if z[i] >= tau]
+    # Scores of licenses under the threshold are never shown (nor audited): they would be an
+    # oracle for their chips -- a caller crafting vectors from earlier answers could learn an
+    # innocent license's chips and then frame it.  A named license's score tells nothing new.
     ranking = [{"license_id": ids[i], "score": round(float(z[i]), 3),
-                "false_positive_bound": false_positive_bound(float(z[i]), count, k)} for i in order]
-    named = [r["license_id"] for r in ranking if float(str(r["score"])) >= tau]
-    top = float(z[order[0]]) if len(order) else 0.0
+                "false_positive_bound": false_positive_bound(float(z[i]), count, k)} for i in hits]
+    named = [str(r["license_id"]) for r in ranking]
     svc.commits.commit("model_traced", None, actor=g.actor, model=model_id, suspect=suspect, sha256=digest,
-                       named=named, top_score=round(top, 3), licenses_scanned=count)
+                       named=named, scores=[r["score"] for r in ranking] or None, licenses_scanned=count)
     return {"model_id": model_id, "suspect": suspect, "sha256": digest, "positions": secret.n,
             "licenses_scanned": count, "alignments": k, "threshold": round(tau, 3),
             "false_accusation_bound": 1e-9, "named": named, "traced": bool(named), "ranking": ranking,
@@ -95,7 +99,8 @@ def _candidates(raw: object, n: int) -> list[np.ndarray]:
     out = []
     for i, text in enumerate(raw):
         try:
-            data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) if isinstance(text, str) else None
+            data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True) \
+                if isinstance(text, str) else None
         except (binascii.Error, ValueError):
             data = None
         if data is None or len(data) != 4 * n:

@@ -87,11 +87,12 @@ def _print(doc: dict[str, Any]) -> None:
                f"threshold z >= {doc['threshold']} (false accusation <= {doc['false_accusation_bound']:g} per trace)")
     if doc["named"]:
         click.echo(f"TRACED to: {', '.join(doc['named'])}")
+        click.echo("  license                          score   P(an innocent license scores this high)")
+        for r in doc["ranking"]:
+            click.echo(f"  {r['license_id']:<32} {r['score']:>6.2f}   <= {r['false_positive_bound']:.2g}")
     else:
-        click.echo("not traced: no license passes the threshold")
-    click.echo("  license                          score   P(an innocent license scores this high)")
-    for r in doc["ranking"][:5]:
-        click.echo(f"  {r['license_id']:<32} {r['score']:>6.2f}   <= {r['false_positive_bound']:.2g}")
+        click.echo("not traced: no license passes the threshold (scores under it are never shown: they "
+                   "would leak chips)")
     click.echo(f"statistic: {doc['statistic']}")
 
 

@@ -112,7 +112,7 @@ def test_two_licenses_two_fingerprints_each_traced(license_server, tmp_path):
     for path in (_save(train(x, y, seed=5), tmp_path / "other.safetensors"), tmp_path / "digits.safetensors"):
         code, doc = _trace(license_server, path)
         assert code == 3 and doc["named"] == [], doc
-        assert max(r["score"] for r in doc["ranking"]) < doc["threshold"]
+        assert doc["ranking"] == []  # no score of an unnamed license is ever shown
     # every trace is in the audit trail, with who traced what and the outcome
     records = license_server.api("GET", "/v1/audit", params={"type": "model_traced"}).json()["items"]
     assert len(records) == 8 and {r["suspect"] for r in records} >= {"east.safetensors", "other.safetensors"}
