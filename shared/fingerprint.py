@@ -48,7 +48,10 @@ FORMAT = 1
 MAX_POSITIONS = 4096  # per model: 16 KiB of float32 in every token (see tokens.MAX_TOKEN_LEN)
 MIN_POSITIONS = 256  # fewer locked float elements than this: no fingerprint (too weak to trace)
 MAX_SITES = 8  # tensors that carry positions (bounds the alignment data)
-ENERGY = 0.02  # fingerprint energy per tensor ≤ ENERGY² × the locked elements' variance
+# Fingerprint energy per tensor ≤ ENERGY² × the locked elements' variance (times the vendor's
+# strength²).  0.03: on the 6,570-parameter demo model, the smallest a 0.1-sd noise attack
+# leaves traceable (bench/trace.py's sweep); a large model reaches MAX_ALPHA well before it.
+ENERGY = 0.03
 MAX_ALPHA = 0.1  # δ never exceeds this share of a tensor's standard deviation
 CLIP = 3.0  # residuals are clipped at ±CLIP·δ: a pruned or retrained weight cannot drown the rest
 QUANTILES = np.linspace(0.05, 0.95, 10)  # per-row / per-column descriptors for re-alignment
@@ -226,7 +229,7 @@ def describe(matrix: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
 # --- choosing positions (protect) ------------------------------------------------------------------
 def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]],
            load: Callable[[str], tuple[np.ndarray, np.ndarray]], key: bytes, *,
-           max_positions: int = MAX_POSITIONS) -> Secret | None:
+           max_positions: int = MAX_POSITIONS, strength: float = 1.0) -> Secret | None:
     """Pick positions among locked float elements.  ``locked`` maps a tensor name to (dtype,
     shape, number of locked elements); ``load(name)`` gives its values (flat) and a boolean mask
     of its locked elements (flat) -- called only for the tensors chosen, so a large model is
@@ -235,7 +238,8 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
     The ``MAX_SITES`` tensors with the most locked elements carry the positions; within them the
     locked elements of largest magnitude relative to their tensor's spread (pruning keeps those).
     δ per tensor is set so the fingerprint's energy stays under ``ENERGY²`` of the locked part's
-    (and never above ``MAX_ALPHA`` of its standard deviation).  None: too little is locked."""
+    (and never above ``MAX_ALPHA`` of its standard deviation); ``strength`` scales δ (a vendor's
+    trade between robustness and invisibility).  None: too little is locked."""
     usable = {k: v for k, v in locked.items() if v[0] in FLOAT and v[2] > 0 and math.prod(v[1]) > 1}
     if sum(v[2] for v in usable.values()) < MIN_POSITIONS:
         return None
@@ -260,7 +264,7 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
             continue
         taken += len(pick)
         dtype, shape, count = usable[name]
-        alpha = min(MAX_ALPHA, ENERGY * math.sqrt(count / len(pick)))
+        alpha = min(MAX_ALPHA * strength, ENERGY * strength * math.sqrt(count / len(pick)))
         rows_n = shape[0] if shape else 1
         rows, cols = describe(values.reshape(rows_n, -1))
         sites.append(Site(name, dtype, tuple(shape), pick.astype(np.uint32),

@@ -162,7 +162,8 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
     base = load_base(Path(policy.base), out_dir) if policy.base is not None else None
     with mapped(plain) as plan_view:
         plan = make_plan(plain, plan_view, policy, infos, base)
-        secret = _choose_fingerprint(model_id, plan, plan_view) if policy.fingerprint else None
+        secret = _choose_fingerprint(model_id, plan, plan_view, policy.fingerprint_strength) \
+            if policy.fingerprint else None
     fp_index = {s.tensor: s.index for s in secret.sites} if secret is not None else None
     locked = [lk.info for lk in plan.locks]  # file order, empties first
     runs = {lk.name: r for lk in plan.locks if (r := lk.byte_runs()) is not None}
@@ -237,7 +238,7 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
                          fingerprint_positions=secret.n if secret is not None else 0)
 
 
-def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview) -> Secret | None:
+def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview, strength: float) -> Secret | None:
     """Fingerprint positions among the plan's locked float elements (None: too little locked)."""
     locks = {lk.name: lk for lk in plan.locks if lk.info.dtype in FINGERPRINT_DTYPES}
 
@@ -250,7 +251,7 @@ def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview) -> Secret |
         return values, mask
 
     shapes = {name: (lk.info.dtype, tuple(lk.info.shape), lk.elements) for name, lk in locks.items()}
-    return choose_fingerprint(model_id, shapes, load, secrets.token_bytes(32))
+    return choose_fingerprint(model_id, shapes, load, secrets.token_bytes(32), strength=strength)
 
 
 def _decoys_at_fingerprint(view: memoryview, locked_path: Path, infos: dict[str, TensorInfo],

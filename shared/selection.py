@@ -43,7 +43,8 @@ class LockPolicy:
     differs from this model (``--base``); ``base_min_change``: leave clear the rows whose change
     from the base is below this fraction of their norm (0: lock every row that differs).
     ``include_int``: integer and bool buffers may be locked too.  ``fingerprint``: reserve
-    per-license fingerprint positions in the locked tensors (:mod:`layerlock.shared.fingerprint`).
+    per-license fingerprint positions in the locked tensors (:mod:`layerlock.shared.fingerprint`),
+    their δ scaled by ``fingerprint_strength``.
     """
 
     start: int | None = None
@@ -53,6 +54,7 @@ class LockPolicy:
     base: str | None = None
     base_min_change: float = 0.0
     fingerprint: bool = False
+    fingerprint_strength: float = 1.0
 
     @property
     def is_default(self) -> bool:

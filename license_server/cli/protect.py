@@ -170,14 +170,17 @@ def _or_discard(result: ProtectResult) -> Iterator[None]:
               help="Reserve per-license fingerprint positions in the locked tensors: each license's unlocked "
                    "weights then differ slightly, and `layerlock trace` names the license of a leaked copy. "
                    "Off with --data-key-out (no server to issue the values).")
+@click.option("--fingerprint-strength", type=click.FloatRange(0.25, 4.0), default=1.0, show_default=True,
+              help="Scale the fingerprint's amplitude: higher survives harsher retraining of a small model, "
+                   "lower changes its outputs less (README: Trace a leak).")
 @click.option("--force", is_flag=True, help="Protect a single file again even if its bundle exists (new key).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is also off when stderr is not a TTY).")
 def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: str | None, layers: str | None,
             patterns: tuple[str, ...], base: Path | None, base_min_change: float, include_int: bool,
             intake_key: Path | None, register: str | None, api_key: str | None, data_key_out: Path | None,
-            name: str | None, model_version: str, fingerprint: bool, force: bool, as_json: bool,
-            no_progress: bool) -> None:
+            name: str | None, model_version: str, fingerprint: bool, fingerprint_strength: float, force: bool,
+            as_json: bool, no_progress: bool) -> None:
     """Lock a model so a copy is worthless without a license.
 
     PATH is a .safetensors, .pt/.pth state dict or .onnx file, an ncnn .param (WEIGHTS is its
@@ -212,7 +215,8 @@ def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: st
             if not base.is_file():
                 raise InvalidInput(f"--base {base}: no such file")
             policy = LockPolicy(include_int=include_int, base=str(base), base_min_change=base_min_change)
-        policy = dataclasses.replace(policy, fingerprint=fingerprint and data_key_out is None)
+        policy = dataclasses.replace(policy, fingerprint=fingerprint and data_key_out is None,
+                                     fingerprint_strength=fingerprint_strength)
         on_result, where = _sink(intake_key, register, api_key, data_key_out, path.is_dir(), name, model_version)
         outcomes = protect_path(path, out_dir, model_id=model_id, policy=policy, progress=not no_progress,
                                 force=force, on_result=on_result, weights=weights)

@@ -91,6 +91,36 @@ def test_chips_depend_on_the_key_the_model_and_the_license(other):
     assert abs(float(np.mean(a == b)) - 0.5) < 0.05  # 6.4 standard deviations
 
 
+def test_chips_drawn_in_a_batch_are_each_license_s_own():
+    """A trace draws a million licenses' chips in batches: each row is that license's chips."""
+    ids = ["lic_a", "lic_b", "", "lic_\u00e9", *_ids(20)]
+    batch = fp.chip_bytes(KEY, "m-1", ids, 1001)
+    for row, lic in zip(batch, ids, strict=True):
+        assert np.array_equal(np.unpackbits(row)[:1001] * 2.0 - 1.0, fp.chips(KEY, "m-1", lic, 1001))
+
+
+def test_scores_are_the_normalised_correlation_maximised_over_alignments():
+    """The fast path (table lookups on packed chips) equals the statistic's definition."""
+    n = 1001
+    w = np.random.default_rng(6).normal(0, 1, n).astype(np.float32)
+    site = fp.Site("w", "F32", (n,), np.arange(n, dtype=np.uint32), w.tobytes(), 0.01)
+    secret = fp.Secret("m-1", KEY, (site,))
+    rng = np.random.default_rng(7)
+    candidates = [w + rng.normal(0, 0.02, n), np.where(rng.random(n) < 0.2, np.nan, w + 0.05),
+                  w.astype(np.float64)]  # the last: residual 0, no evidence
+    ids = _ids(300)
+    expected = []
+    for lic in ids:
+        s = fp.chips(KEY, "m-1", lic, n)
+        zs = []
+        for c in candidates:
+            y = fp.residual(secret, c)
+            norm = np.linalg.norm(y)
+            zs.append(float(s @ y / norm) if norm > 0 else 0.0)
+        expected.append(max(zs))
+    assert np.allclose(fp.scores(secret, candidates, ids), expected, atol=1e-9)
+
+
 def test_chips_are_balanced():
     mat = np.stack([fp.chips(KEY, "m-1", lic, 4096) for lic in _ids(200)])
     assert abs(float(mat.mean())) < 0.005  # 819,200 signs: 4.5 standard deviations
@@ -133,6 +163,30 @@ def test_no_license_copy_carries_an_original_value(tmp_path, dtype):
         for name in original:
             if name not in {s.tensor for s in secret.sites}:
                 assert torch.equal(copy[name], original[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_neither_the_locked_file_nor_the_bundle_holds_an_original_value(tmp_path, dtype):
+    """Half-precision decoys drawn independently hit the original about once in 800 positions
+    (measured for BF16 before decoys were moved off it): three protects of a 6,464-weight MLP,
+    about 3,300 positions, must show none -- in the locked file or in the bundle's payload."""
+    gen = torch.Generator().manual_seed(1)
+    original = {"fc1.weight": torch.randn(64, 64, generator=gen), "fc2.weight": torch.randn(32, 64, generator=gen),
+                "fc3.weight": torch.randn(10, 32, generator=gen)}
+    src = tmp_path / "m.safetensors"
+    sttorch.save_file({k: v.to(dtype) for k, v in original.items()}, src)
+    positions = 0
+    for run in range(3):
+        res = protect(src, tmp_path / f"out{run}", model_id="m-1", policy=FP)
+        secret = fp.Secret.from_bytes(res.fingerprint)
+        locked = sttorch.load_file(res.locked_path)
+        unlocked_without_token = sttorch.load(restore(res.locked_path, res.bundle_path, res.data_key))
+        for site in secret.sites:
+            real = fp.to_float(site.original, site.dtype)
+            for held in (locked, unlocked_without_token):
+                assert not np.any(held[site.tensor].float().numpy().ravel()[site.index] == real)
+            positions += len(site.index)
+    assert positions > 3000
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64"])
@@ -195,7 +249,8 @@ def test_secret_round_trip():
     for a, b in zip(secret.sites, back.sites, strict=True):
         assert (a.tensor, a.dtype, a.shape, a.original, a.scale) == (b.tensor, b.dtype, b.shape, b.original, b.scale)
         assert np.array_equal(a.index, b.index)
-        assert a.rows is not None and b.rows is not None and np.allclose(a.rows, b.rows, rtol=1e-3, atol=1e-4)  # float16 on the wire
+        assert a.rows is not None and b.rows is not None
+        assert np.allclose(a.rows, b.rows, rtol=1e-3, atol=1e-4)  # float16 on the wire
     assert back.to_bytes() == data
     assert np.array_equal(back.originals(), secret.originals())
 
@@ -224,6 +279,8 @@ MALFORMED: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("short key", lambda d: d.update(key=_b64(bytes(16))), "256-bit key"),
     ("key not a string", lambda d: d.update(key=5), "key is not a string"),
     ("key not base64", lambda d: d.update(key="a"), "key is not base64url"),
+    ("key with a character outside base64url", lambda d: d.update(key=d["key"][:8] + "!" + d["key"][9:]),
+     "key is not base64url"),
     ("model id not a string", lambda d: d.update(model=7), "model id"),
     ("no sites", lambda d: d.update(sites=[]), "no positions"),
     ("site not an object", lambda d: d.update(sites=[3]), "site is not an object"),
@@ -271,19 +328,21 @@ def test_a_secret_with_far_too_many_positions_is_refused():
 # --- the bound --------------------------------------------------------------------------------------
 def test_threshold_keeps_the_false_accusation_bound_for_a_million_licenses():
     tau = fp.threshold(10**6)
-    # 2 · 10^6 · exp(−τ²/2) = 1e-9, up to the last bits of a float.
+    # 2 · 10^6 · exp(−τ²/2) ≤ 1e-9 exactly (τ is rounded up), and only just.
+    assert fp.false_positive_bound(tau, 10**6) <= 1e-9
     assert fp.false_positive_bound(tau, 10**6) == pytest.approx(1e-9, rel=1e-12)
-    assert fp.false_positive_bound(tau * (1 + 1e-9), 10**6) < 1e-9
     assert 8.39 < tau < 8.40
     # Fewer licenses scanned: the threshold stays the million-license one (bound only better).
     assert fp.threshold(10) == fp.threshold(10**6)
     assert fp.false_positive_bound(tau, 10) < 1e-13
     # More: the threshold rises so the bound holds at that count.
     big = fp.threshold(2**20)
-    assert big > tau and fp.false_positive_bound(big, 2**20) == pytest.approx(1e-9, rel=1e-12)
+    assert big > tau and fp.false_positive_bound(big, 2**20) <= 1e-9
     # One statistic instead of two: a lower threshold, the same bound.
     one = fp.threshold(10**6, statistics=1)
-    assert one < tau and fp.false_positive_bound(one, 10**6, statistics=1) == pytest.approx(1e-9, rel=1e-12)
+    assert one < tau and fp.false_positive_bound(one, 10**6, statistics=1) <= 1e-9
+    for licenses in (10**7, 123_456_789):
+        assert fp.false_positive_bound(fp.threshold(licenses), licenses) <= 1e-9
 
 
 def test_false_positive_bound_is_a_capped_decreasing_tail():
@@ -421,6 +480,8 @@ BAD_FINGERPRINTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("tensor beyond the list", lambda d: _fp(d)[0].update(tensor=99), "out of order"),
     ("tensor a bool", lambda d: _fp(d)[0].update(tensor=True), "out of order"),
     ("bad base64", lambda d: _fp(d)[0].update(index="a"), "not base64url uint32s"),
+    ("a character outside base64url", lambda d: _fp(d)[0].update(index="AA!AA" + _fp(d)[0]["index"][5:]),
+     "not base64url uint32s"),
     ("index not a string", lambda d: _fp(d)[0].update(index=[1, 2]), "not base64url uint32s"),
     ("not whole uint32s", lambda d: _fp(d)[0].update(index=_b64(b"\1\0\0")), "not base64url uint32s"),
     ("empty index", lambda d: _fp(d)[0].update(index=""), "not base64url uint32s"),
@@ -491,3 +552,18 @@ def test_no_shipped_decoy_equals_the_original_at_a_fingerprint_position(tmp_path
             assert not np.any(values == original), site.tensor
         checked += len(original)
     assert checked >= 1000
+
+
+def test_strength_scales_delta_and_the_cap():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 48)).astype(np.float32).ravel()
+    locked = {"w": ("F32", (64, 48), w.size)}
+
+    def load(_: str) -> tuple[np.ndarray, np.ndarray]:
+        return w, np.ones(w.size, dtype=bool)
+
+    one = fp.choose("m-1", locked, load, KEY)
+    two = fp.choose("m-1", locked, load, KEY, strength=2.0)
+    assert one is not None and two is not None
+    assert two.sites[0].scale == pytest.approx(2 * one.sites[0].scale)
+    assert np.array_equal(one.sites[0].index, two.sites[0].index)  # same positions, larger δ
