@@ -15,6 +15,7 @@ from layerlock.license_server.cli.ops import activate_offline, audit, keys, lice
 from layerlock.license_server.cli.protect import protect
 from layerlock.license_server.cli.strength import assess, inspect
 from layerlock.license_server.cli.trace import trace
+from layerlock.license_server.cli.watermark import watermark
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +28,7 @@ main.add_command(protect)
 main.add_command(inspect)
 main.add_command(assess)
 main.add_command(harden)
+main.add_command(watermark)
 main.add_command(trace)
 for _cmd in (init, serve, demo, keys, machines, models, licenses, audit, activate_offline, webhooks):
     main.add_command(_cmd)
