@@ -10,7 +10,7 @@ Two ways in, one hinge:
      smallest change that carries the bits, and all there is without a task (the model cannot
      be run).  On a large model it is already invisible (MiniLM: sentence embeddings at cosine
      0.9998 to the original's, 0.7 % change in the marked matrices); on a small one it costs
-     (the digits perceptron: 2-3 predictions in a hundred change).
+     (the digits perceptron: 2 to 5 predictions in a hundred change).
   2. **Fidelity** (with ``--task``).  From there, every float parameter except embedding tables
      trains on hinge + ``FIDELITY *`` the relative MSE between the model's outputs and the
      original's on random **probe inputs** shaped like the model's input -- no training data
