@@ -10,15 +10,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from e2e_helpers import MODEL_ID, Sidecar, cleanup, cli, ops, public_dir, write_config
 
 from layerlock.demo.model import accuracy, load_data, train
 from layerlock.shared.bundle import read_header
 from layerlock.shared.fingerprint import to_float
 from layerlock.verifier import client
-
-pytest.importorskip("torch")  # the fine-tuning attack uses the digits task (torch extra)
 
 
 def _protect(server, root: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy as stnp
+import torch  # noqa: E402 - the test extras install it (make install-test)
 from click.testing import CliRunner
 
 from layerlock.license_server.cli import main
 from layerlock.license_server.cli.watermark import NOT_DETECTED
 from layerlock.shared.watermark import THRESHOLD
 from tests.conftest import CLI, PYTHON, REPO, _env
-
-torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -89,3 +89,11 @@ def test_hybrid_suite_end_to_end(tmp_path, redis_server):
         assert [rec["reason"] for rec in denied] == ["suite_required"]
     finally:
         srv.stop()
+
+
+def test_model_body_cap_must_not_be_below_the_general_one():
+    assert ServerConfig.load({}).max_model_body_bytes == 16 * 1024 * 1024
+    with pytest.raises(ConfigError, match="max_model_body_bytes must be >= max_body_bytes"):
+        ServerConfig.load({"LAYERLOCK_MAX_MODEL_BODY_BYTES": "1024"})
+    with pytest.raises(ConfigError):
+        ServerConfig.load({"LAYERLOCK_MAX_MODEL_BODY_BYTES": "lots"})

@@ -528,8 +528,8 @@ def test_fingerprint_member_only_in_version_3(fp_bundle):
 def test_no_shipped_decoy_equals_the_original_at_a_fingerprint_position(tmp_path):
     """BF16 decoys are random draws with 2^16 values: some land on the original (about 0.1 % of
     positions).  Protect moves those one step, in the locked file and the bundle alike."""
-    torch = pytest.importorskip("torch")
     import safetensors.torch as stt
+    import torch
 
     from layerlock.shared.lockfile import protect
     from layerlock.shared.restore import restore

@@ -261,3 +261,14 @@ def test_directory_without_models_is_one_line_error_exit_1(tmp_path, extra):
     assert r.exit_code == 1, r.output
     assert r.stderr.startswith("error: no model files") and r.stderr.count("\n") == 1 and str(root) in r.stderr
     assert r.stdout == "" and not keys.exists()
+
+
+@pytest.mark.parametrize("value", ["0.1", "5", "strong"])
+def test_fingerprint_strength_out_of_range_is_a_usage_error_and_writes_nothing(small_model, tmp_path, value):
+    priv, pub = _intake()
+    intake = tmp_path / "intake.pub"
+    intake.write_text(b64u_encode(pub.public_bytes_raw()) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run(str(small_model), "--intake-key", str(intake), "--fingerprint-strength", value)
+    assert r.exit_code == 2 and "--fingerprint-strength" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -188,7 +188,7 @@ def test_missing_or_reshaped_tensor_named_precisely():
 
 def test_onnx_matmul_weights_are_read_transposed(tmp_path):
     """ONNX keeps MatMul weights (in, out): detect turns them back, square ones by the graph."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = weights()
@@ -224,7 +224,8 @@ def test_onnx_matmul_weights_are_read_transposed(tmp_path):
 def test_regularizer_in_a_training_loop():
     """The docstring's example on the digits task: trained from scratch with the term added, the
     model carries every bit and learns as well as without it."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from layerlock.demo import digits_task as task
     from layerlock.shared.watermark_torch import WatermarkRegularizer
 
