@@ -86,16 +86,22 @@ def write_secret_file(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     # A leftover or planted temp file (or symlink) must not decide the mode or the target.
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    create_secret_file(tmp, data)
+    os.replace(tmp, path)
+
+
+def create_secret_file(path: Path, data: bytes) -> None:
+    """Write a secret to a **new** file, mode 0600 from the first byte, synced; an existing file
+    (or a symlink) raises FileExistsError and is left alone; a failed write leaves no file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
 
 
 def read_secret_file(path: Path) -> bytes:

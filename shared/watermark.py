@@ -59,7 +59,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import secrets
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,7 +71,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from layerlock.shared.errors import InvalidInput
-from layerlock.shared.keys import b64u_decode, b64u_encode, read_secret_file
+from layerlock.shared.keys import b64u_decode, b64u_encode, create_secret_file, read_secret_file
 from layerlock.shared.selection import is_embedding
 
 FORMAT = 1
@@ -146,17 +145,9 @@ class WatermarkKey:
             raise InvalidInput("refusing to save a watermark key that marks no positions (place it first)")
         data = (json.dumps(self.to_json(), indent=1) + "\n").encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            create_secret_file(path, data)
         except FileExistsError:
             raise InvalidInput(f"key file {path} already exists: a watermark key is never overwritten") from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: Path) -> WatermarkKey:
