@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
@@ -139,6 +139,21 @@ def sign_in(d: webdriver.Chrome, url: str, key: str) -> None:
     assert wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".who-name"), 10), d.page_source[:500]
 
 
+def flash_after_submit(d: webdriver.Chrome, expected: str) -> None:
+    """Wait for the ok flash saying ``expected`` on the page a form post led to.
+
+    ``click()`` returns before the next page loads, and the page clicked on may itself carry an
+    older flash, so this waits for the text, not for any flash.
+    """
+    def seen() -> list[str]:
+        try:
+            return [f"{e.get_attribute('class')}: {e.text}" for e in d.find_elements(By.CSS_SELECTOR, ".flash")]
+        except StaleElementReferenceException:  # the page changed between finding and reading
+            return []
+
+    assert wait_for(lambda: any("flash-ok" in f and expected in f for f in seen()), 10), seen()
+
+
 def csp_errors(d: webdriver.Chrome) -> list[str]:
     return [e["message"] for e in d.get_log("browser")
             if e["level"] == "SEVERE" or "Content Security Policy" in e["message"]]
@@ -179,8 +194,7 @@ def test_admin_issues_and_revokes_a_license_and_sees_the_audit_record(stack, bro
     days.send_keys("90")
     d.find_element(By.ID, "issue-notes").send_keys("browser test")
     d.find_element(By.XPATH, "//button[normalize-space()='Issue license']").click()
-    flash = d.find_element(By.CSS_SELECTOR, ".flash-ok").text
-    assert f"License issued for {m.code}" in flash
+    flash_after_submit(d, f"License issued for {m.code}")
     lic = stack.api("GET", f"/v1/licenses?machine={m.code}").json()["items"][0]
     assert lic["notes"] == "browser test" and lic["status"] == "active"
 
@@ -190,8 +204,7 @@ def test_admin_issues_and_revokes_a_license_and_sees_the_audit_record(stack, bro
     alert = d.switch_to.alert  # the progressive-enhancement confirm dialog
     assert lic["license_id"] in alert.text
     alert.accept()
-    assert wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".flash-ok"), 10)
-    assert f"License {lic['license_id']} revoked" in d.find_element(By.CSS_SELECTOR, ".flash-ok").text
+    flash_after_submit(d, f"License {lic['license_id']} revoked")
     assert stack.api("GET", f"/v1/licenses/{lic['license_id']}").json()["status"] == "revoked"
 
     d.get(url + "/console/audit")
