@@ -21,6 +21,9 @@ server computes for that license (``fingerprint.license_values``).  Tracing is t
   ids among them), every licensee's copy against the others' ids, independently trained models
   (``demo.model.train`` with other seeds), the unfingerprinted original, its own fine-tune, and
   the locked file (decoys at the positions).
+* **informed** (digits): every digits row is traced twice, as ``layerlock trace`` does by default
+  and with ``--original`` (``fingerprint.informed``: residuals weighted by the drift around each
+  position, measured against the original model); the ``[informed]`` rows.
 * **scale**: ``scores`` over 2^20 license ids (digits' and MiniLM's number of positions).
 * **sweep** (only when asked): the digits trade-off if δ were m times larger.
 
@@ -130,18 +133,41 @@ class Row:
         zmed = f"{float(np.median(self.true_z)):6.1f}" if self.true_z else "     -"
         wmax = f"{self.wrong_max:6.2f}" if self.wrong_tests else "     -"
         acc = f"{np.mean(self.score):.3f}" if self.score else "    -"
-        return (f"{self.name:<34} {det:>14} {zmin} {zmed}  {wmax} {self.wrong_tests:>9,} {self.false_hits:>5}"
+        return (f"{self.name:<46} {det:>14} {zmin} {zmed}  {wmax} {self.wrong_tests:>9,} {self.false_hits:>5}"
                 f"  {acc}{self.named_extra}")
 
 
-HEAD = (f"{'suspect / attack':<34} {'detected':>14} {'min z':>6} {'med z':>6}  {'max wz':>6} {'wrong tests':>9} "
+HEAD = (f"{'suspect / attack':<46} {'detected':>14} {'min z':>6} {'med z':>6}  {'max wz':>6} {'wrong tests':>9} "
         f"{'hits':>5}  score")
 
 
-def trace(copies: Copies, suspect: Tensors, ids: list[str]) -> np.ndarray:
-    from layerlock.shared.fingerprint import extract, scores
+def trace(copies: Copies, suspect: Tensors, ids: list[str], original: Tensors | None = None) -> np.ndarray:
+    """The server's scores for ``ids``; with ``original``, on ``informed`` candidates (what
+    ``layerlock trace --original`` sends: float32 on the wire, as there)."""
+    from layerlock.shared.fingerprint import extract, informed, scores
 
-    return scores(copies.secret, extract(copies.public, suspect), ids)
+    if original is None:
+        return scores(copies.secret, extract(copies.public, suspect), ids)
+    candidates = [c.astype(np.float32).astype(np.float64) for c in informed(copies.public, suspect, original)]
+    return scores(copies.secret, candidates, ids)
+
+
+class Both:
+    """A row traced both ways: uninformed (the default) and informed (with the original)."""
+
+    def __init__(self, name: str, original: Tensors) -> None:
+        self.plain, self.informed, self.original = Row(name), Row(name + " [informed]"), original
+
+    def trace(self, copies: Copies, suspect: Tensors, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return trace(copies, suspect, ids), trace(copies, suspect, ids, self.original)
+
+    def add(self, z: tuple[np.ndarray, np.ndarray], true: int, tau: float) -> None:
+        """``true``: how many leading ids are the suspect's own (best of them is its score)."""
+        for row, zz in zip((self.plain, self.informed), z, strict=True):
+            row.add(float(zz[:true].max()) if true else None, zz[true:], tau)
+
+    def rows(self) -> list[Row]:
+        return [self.plain, self.informed]
 
 
 def _tag(name: str) -> str:
@@ -247,6 +273,12 @@ def _digits_score(t: Tensors) -> float:
     return task.score(task.build({k: _torch(v) for k, v in t.items()}))
 
 
+def _split_test() -> np.ndarray:
+    from layerlock.demo.model import load_data
+
+    return load_data(0)[3]
+
+
 def _torch(v: np.ndarray):  # noqa: ANN202 - torch is imported lazily
     import torch
 
@@ -305,24 +337,29 @@ def digits(work: Path, trials: int, licensees: int, wrong_per_trial: int, indepe
                    digits_acc_change_mean_pts=f"{100 * deltas.mean():.3f}",
                    digits_acc_change_worst_pts=f"{100 * np.abs(deltas).max():.3f}",
                    digits_pred_agree_worst=f"{agree.min():.5f}", digits_pred_changed_max=str(int(changed.max())))
+    lost = np.rint(-deltas * len(_split_test())).astype(int)  # held-out digits lost (negative: gained)
+    hist = ", ".join(f"{v:+d}: {c}" for v, c in zip(*np.unique(lost, return_counts=True), strict=True))
+    print(f"held-out digits lost per license (count of licenses): {hist}", flush=True)
+    figures["digits_acc_licenses_unchanged"] = f"{int(np.sum(lost == 0))}/{len(ids)}"
 
     rows: list[Row] = []
     outsiders = license_ids(wrong_per_trial, rng)
 
-    def run(name: str, attack: Callable[[Tensors, int], Tensors], n: int, score: bool = True) -> Row:
-        row = Row(name)
+    def run(name: str, attack: Callable[[Tensors, int], Tensors], n: int, score: bool = True) -> Both:
+        both = Both(name, original)
         t0 = time.monotonic()
         for trial in range(n):
             lic = ids[trial % len(ids)]
             suspect = attack(licensed[lic], trial)
             wrong = [i for i in ids if i != lic] + outsiders[: max(0, wrong_per_trial - len(ids) + 1)]
-            z = trace(copies, suspect, [lic, *wrong])
-            row.add(float(z[0]), z[1:], tau)
+            both.add(both.trace(copies, suspect, [lic, *wrong]), 1, tau)
             if score and trial < 20:
-                row.score.append(_digits_score(suspect))
-        print(row.line() + f"   [{time.monotonic() - t0:.0f} s]", flush=True)
-        rows.append(row)
-        return row
+                both.plain.score.append(_digits_score(suspect))
+        both.informed.score = both.plain.score
+        print(both.plain.line() + f"   [{time.monotonic() - t0:.0f} s]", flush=True)
+        print(both.informed.line(), flush=True)
+        rows.extend(both.rows())
+        return both
 
     print(f"\nthreshold tau = {tau:.3f} (10^6 licenses, {ALIGNMENTS} alignments, bound 1e-9); "
           f"score = held-out accuracy (mean of up to 20 trials; original {base_score:.3f})", flush=True)
@@ -352,77 +389,79 @@ def digits(work: Path, trials: int, licensees: int, wrong_per_trial: int, indepe
 
     # Collusion: the average of k copies.
     for k in (2, 4):
-        row = Row(f"average of {k} copies")
-        named_counts = []
+        both = Both(f"average of {k} copies", original)
+        named_counts: tuple[list[int], list[int]] = ([], [])
         for trial in range(trials):
             pick = [ids[i] for i in np.random.default_rng(20_000 + trial).choice(len(ids), k, replace=False)]
             suspect = average([licensed[lic] for lic in pick])
             innocent = [i for i in ids if i not in pick] + outsiders[: max(0, wrong_per_trial - len(ids) + k)]
-            z = trace(copies, suspect, [*pick, *innocent])
-            best = float(z[:k].max())
-            named_counts.append(int((z[:k] >= tau).sum()))
-            row.add(best, z[k:], tau)
+            z = both.trace(copies, suspect, [*pick, *innocent])
+            for counts, zz in zip(named_counts, z, strict=True):
+                counts.append(int((zz[:k] >= tau).sum()))
+            both.add(z, k, tau)
             if trial < 20:
-                row.score.append(_digits_score(suspect))
-        row.named_extra = (f"  (colluders named per trial: min {min(named_counts)}, "
-                           f"mean {np.mean(named_counts):.2f} of {k})")
-        print(row.line(), flush=True)
-        rows.append(row)
+                both.plain.score.append(_digits_score(suspect))
+        both.informed.score = both.plain.score
+        for row, counts in zip(both.rows(), named_counts, strict=True):
+            row.named_extra = (f"  (colluders named per trial: min {min(counts)}, "
+                               f"mean {np.mean(counts):.2f} of {k})")
+            print(row.line(), flush=True)
+        rows.extend(both.rows())
 
     # Collusion beyond averaging: compare copies, take midpoints, noise where they agree.
     for k in (2, 4):
-        row = Row(f"{k} colluders compare copies")
+        both = Both(f"{k} colluders compare copies", original)
         for trial in range(max(1, trials // 4)):
             pick = [ids[i] for i in np.random.default_rng(40_000 + trial).choice(len(ids), k, replace=False)]
             suspect = compare([licensed[lic] for lic in pick], where, np.random.default_rng(trial))
             innocent = [i for i in ids if i not in pick]
-            z = trace(copies, suspect, [*pick, *innocent])
-            row.add(float(z[:k].max()), z[k:], tau)
+            both.add(both.trace(copies, suspect, [*pick, *innocent]), k, tau)
             if trial < 20:
-                row.score.append(_digits_score(suspect))
-        print(row.line(), flush=True)
-        rows.append(row)
+                both.plain.score.append(_digits_score(suspect))
+        both.informed.score = both.plain.score
+        for row in both.rows():
+            print(row.line(), flush=True)
+        rows.extend(both.rows())
 
     # Innocent suspects: every license is the wrong one.
     wide = license_ids(max(10_000, wrong_per_trial), rng)
-    innocent_rows = []
-    row = Row("other licensees' copies")
+    innocent_rows: list[Both] = []
+    both = Both("other licensees' copies", original)
     for lic, t in licensed.items():
-        others = [i for i in ids if i != lic]
-        row.add(None, trace(copies, t, others), tau)
-    innocent_rows.append(row)
-    row = Row(f"{independent} independently trained models")
+        both.add(both.trace(copies, t, [i for i in ids if i != lic]), 0, tau)
+    innocent_rows.append(both)
+    both = Both(f"{independent} independently trained models", original)
     x, y, _, _ = load_data(0)
     for seed in range(1, independent + 1):
         other = train(x, y, seed=seed)
-        row.add(None, trace(copies, other, [*ids, *wide[: max(1000, 10_000 // independent)]]), tau)
-        row.score.append(_digits_score(other))
-    innocent_rows.append(row)
-    row = Row("unfingerprinted original")
-    row.add(None, trace(copies, original, [*ids, *wide]), tau)
-    row.score.append(base_score)
-    innocent_rows.append(row)
-    row = Row("original fine-tuned (lr 1e-2)")
+        both.add(both.trace(copies, other, [*ids, *wide[: max(1000, 10_000 // independent)]]), 0, tau)
+        both.plain.score.append(_digits_score(other))
+    innocent_rows.append(both)
     tuned = _finetune(original, 1e-2, 7)
-    row.add(None, trace(copies, tuned, [*ids, *wide]), tau)
-    row.score.append(_digits_score(tuned))
-    innocent_rows.append(row)
-    row = Row("locked file (decoys at positions)")
     locked = stnp.load_file(res.locked_path)
-    row.add(None, trace(copies, locked, [*ids, *wide]), tau)
-    row.score.append(_digits_score(locked))
-    innocent_rows.append(row)
-    for row in innocent_rows:
-        print(row.line(), flush=True)
-    rows += innocent_rows
+    for name, suspect in (("unfingerprinted original", original), ("original fine-tuned (lr 1e-2)", tuned),
+                          ("locked file (decoys at positions)", locked)):
+        both = Both(name, original)
+        both.add(both.trace(copies, suspect, [*ids, *wide]), 0, tau)
+        both.plain.score.append(_digits_score(suspect))
+        innocent_rows.append(both)
+    for both in innocent_rows:
+        both.informed.score = both.plain.score
+        for row in both.rows():
+            print(row.line(), flush=True)
+        rows.extend(both.rows())
 
-    total_wrong = sum(r.wrong_tests for r in rows)
-    total_hits = sum(r.false_hits for r in rows)
-    worst = max(r.wrong_max for r in rows if r.wrong_tests)
-    print(f"digits: {total_wrong:,} wrong-license tests, {total_hits} false hits, largest wrong z {worst:.2f} "
-          f"(tau {tau:.2f})", flush=True)
-    figures.update(digits_wrong_tests=str(total_wrong), digits_false_hits=str(total_hits),
-                   digits_wrong_z_max=f"{worst:.2f}", digits_trials=str(trials))
+    for label, mine in (("uninformed", [r for r in rows if not r.name.endswith("[informed]")]),
+                        ("informed", [r for r in rows if r.name.endswith("[informed]")])):
+        total_wrong = sum(r.wrong_tests for r in mine)
+        total_hits = sum(r.false_hits for r in mine)
+        worst = max(r.wrong_max for r in mine if r.wrong_tests)
+        print(f"digits, {label}: {total_wrong:,} wrong-license tests, {total_hits} false hits, largest wrong z "
+              f"{worst:.2f} (tau {tau:.2f})", flush=True)
+        tag = "" if label == "uninformed" else "_informed"
+        figures.update({f"digits{tag}_wrong_tests": str(total_wrong), f"digits{tag}_false_hits": str(total_hits),
+                        f"digits{tag}_wrong_z_max": f"{worst:.2f}"})
+    figures["digits_trials"] = str(trials)
     for r in rows:
         tag = _tag(r.name)
         if r.trials:

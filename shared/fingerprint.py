@@ -168,10 +168,13 @@ class Secret:
         return cls(doc["model"], key, sites)
 
     def public(self) -> dict[str, object]:
-        """Positions, shapes and descriptors (what an extractor needs); no key, no originals."""
+        """Positions, shapes, δ and descriptors (what an extractor needs); no key, no originals.
+
+        δ is here for :func:`informed` (it weighs each position's residual against the drift
+        around it); it is not a secret: two colluders see 2δ wherever their chips differ."""
         return {"model_id": self.model_id, "positions": self.n, "sites": [
             {"tensor": s.tensor, "dtype": s.dtype, "shape": list(s.shape),
-             "index": _b64(s.index.astype("<u4").tobytes()),
+             "index": _b64(s.index.astype("<u4").tobytes()), "scale": s.scale,
              "rows": _desc(s.rows), "cols": _desc(s.cols)} for s in self.sites]}
 
 
@@ -428,22 +431,122 @@ def extract(public: Mapping[str, object], tensors: Mapping[str, np.ndarray]) -> 
     sites = [_site(e) for e in public["sites"]]  # type: ignore[attr-defined]
     plain, aligned = [], []
     for site in sites:
-        arr = _find(site, tensors)
+        frames = _frames(site, tensors)
+        if frames is None:
+            plain.append(np.full(len(site.index), np.nan))
+            aligned.append(np.full(len(site.index), np.nan))
+            continue
+        r, c = _cells(site)
+        plain.append(frames[0][r, c])
+        aligned.append(frames[1][r, c])
+    return [np.concatenate(plain), np.concatenate(aligned)]
+
+
+def _cells(site: Site) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of each position in the site's rows × columns view."""
+    r, c = np.divmod(site.index.astype(np.int64), site.matrix[1])
+    return r, c
+
+
+def _frames(site: Site, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The suspect's tensor for ``site`` as rows × columns: as found, and with rows and columns
+    put back in the original's order (``aligned[i, j]`` = the suspect's element that holds the
+    original's ``[i, j]``); None when the suspect has no such tensor."""
+    arr = _find(site, tensors)
+    if arr is None:
+        return None
+    mat = arr.reshape(site.matrix)
+    rows, cols = describe(mat)
+    perm_r = _match(site.rows, rows) if site.rows is not None and rows is not None else None
+    perm_c = _match(site.cols, cols) if site.cols is not None and cols is not None else None
+    aligned = mat if perm_r is None else mat[perm_r]
+    aligned = aligned if perm_c is None else aligned[:, perm_c]
+    return mat, aligned
+
+
+# --- informed tracing (ops holding the original model) ---------------------------------------------
+INFORMED_CLIP = 2.0  # drift-weighted residuals are clipped at ±INFORMED_CLIP·σ (σ: δ and the drift)
+ALS_ROUNDS = 10
+
+
+def drift_variance(drift: np.ndarray, known: np.ndarray, rounds: int = ALS_ROUNDS) -> np.ndarray:
+    """A rank-one model of how far each element of a weight matrix moved: ``E[D_ij²] ≈ a_i·b_j``,
+    fitted by alternating means on the ``known`` elements (finite, and not fingerprint positions).
+
+    Why rank one: fine-tuning moves a weight by roughly (how much its output unit's error
+    changes) × (how active its input is) -- a row factor times a column factor.  Inputs that are
+    never active (a dead pixel, a pruned unit) do not move at all, and a position there keeps
+    its ``±δ`` intact: that is evidence the flat statistic throws away.  Rows or columns with
+    nothing known (and a matrix with nothing known) get the mean of the finite ``D²``."""
+    d2 = np.where(np.isfinite(drift), drift, 0.0) ** 2
+    finite = np.isfinite(drift)
+    known = known & finite
+    fallback = float(d2[known].mean()) if known.any() else float(d2[finite].mean()) if finite.any() else 0.0
+    if not known.any():
+        return np.full(drift.shape, fallback)
+    m = known.astype(np.float64)
+    a, b = np.ones(drift.shape[0]), np.ones(drift.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(rounds):
+            mb = m * (b > 0)[None, :]
+            a = np.where(mb.sum(1) > 0, (d2 / np.where(b > 0, b, 1.0)[None, :] * mb).sum(1) / mb.sum(1), 0.0)
+            ma = m * (a > 0)[:, None]
+            b = np.where(ma.sum(0) > 0, (d2 / np.where(a > 0, a, 1.0)[:, None] * ma).sum(0) / ma.sum(0), 0.0)
+    var: np.ndarray = np.outer(a, b)
+    var[~known.any(axis=1), :] = fallback
+    var[:, ~known.any(axis=0)] = fallback
+    return var
+
+
+def informed(public: Mapping[str, object], tensors: Mapping[str, np.ndarray],
+             original: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Like :func:`extract`, for ops who hold the original (unprotected) model: two candidates
+    (as found, re-aligned) whose residuals are weighted by how much the suspect drifted from the
+    original *around* each position.
+
+    For each fingerprinted tensor: ``D`` = suspect − original over the whole tensor; ``V`` =
+    :func:`drift_variance` of ``D`` fitted off the positions; at a position,
+    ``σ = sqrt(V + δ²)`` and the weighted residual is ``a = (δ/σ)·clip(D/σ, ±INFORMED_CLIP)``
+    (``a = clip(±1)`` on an untouched copy, where ``V`` = 0: the plain statistic).  Positions that
+    a fine-tune left alone count fully, those it swept over count little -- after heavy
+    fine-tuning this raises the true license's score well above what the flat residual gives.
+    The candidates are sent as values ``w + δ·a`` (``w`` read from the original), so the
+    server's residual ``clip((x − w)/δ, ±CLIP)`` is ``a`` itself and its API does not change.
+
+    Why the false-accusation bound still holds: ``a`` is computed from the suspect, the original
+    and the public layout (positions, δ, descriptors -- all fixed at protect time without any
+    chips).  For a license ``L`` whose copy the suspect was not made from, none of these depends
+    on ``L``'s chips, so the server's ``z_L = Σ s_L,i a_i / ‖a‖`` is a sum of independent fair
+    signs times fixed weights, and Hoeffding gives ``P(z_L ≥ τ) ≤ exp(−τ²/2)`` exactly as for
+    :func:`extract`'s candidates; there are still two, so ``K = 2`` in the union bound.  The
+    premise is that ``original`` is the model protect was run on: an "original" made from ``L``'s
+    own copy carries ``+δ·s_L``, which enters ``D`` with a minus sign (it pushes ``z_L`` down,
+    never up); framing ``L`` would take ``L``'s chips, which only the server can compute."""
+    sites = [_site(e) for e in public["sites"]]  # type: ignore[attr-defined]
+    plain, aligned = [], []
+    for site in sites:
         k = len(site.index)
-        if arr is None:
+        if not site.scale > 0:
+            raise InvalidInput(f"the fingerprint layout gives no scale for {site.tensor!r}: informed tracing needs δ")
+        base = _find(site, original)
+        if base is None:
+            raise InvalidInput(f"the original model has no tensor {site.tensor!r} of shape {list(site.shape)}: "
+                               "is it the model that was protected?")
+        w_mat = base.reshape(site.matrix)
+        r, c = _cells(site)
+        frames = _frames(site, tensors)
+        if frames is None:
             plain.append(np.full(k, np.nan))
             aligned.append(np.full(k, np.nan))
             continue
-        rows_n, cols_n = site.matrix
-        mat = arr.reshape(rows_n, cols_n)
-        r, c = np.divmod(site.index.astype(np.int64), cols_n)
-        plain.append(mat[r, c])
-        rows, cols = describe(mat)
-        perm_r = _match(site.rows, rows) if site.rows is not None and rows is not None else None
-        perm_c = _match(site.cols, cols) if site.cols is not None and cols is not None else None
-        rr = perm_r[r] if perm_r is not None else r
-        cc = perm_c[c] if perm_c is not None else c
-        aligned.append(mat[rr, cc])
+        known = np.ones(site.matrix, dtype=bool)
+        known[r, c] = False
+        for out, mat in zip((plain, aligned), frames, strict=True):
+            with np.errstate(invalid="ignore", over="ignore"):
+                drift = mat - w_mat
+            sigma = np.sqrt(drift_variance(drift, known)[r, c] + site.scale ** 2)
+            a = site.scale / sigma * np.clip(drift[r, c] / sigma, -INFORMED_CLIP, INFORMED_CLIP)
+            out.append(np.where(np.isfinite(a), w_mat[r, c] + site.scale * a, np.nan))
     return [np.concatenate(plain), np.concatenate(aligned)]
 
 
