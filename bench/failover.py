@@ -23,7 +23,11 @@ activation's record by its token's jti, each issued license, each revocation), t
 walked from genesis against every checkpoint the auditor thread was handed, and the server's
 ``/v1/audit/verify`` is asked: "acknowledged but lost" must be 0.
 
-    python bench/failover.py [--cycles 20] [--steady 4] [--fleet 12] [--sidecars 3] [--wait-replicas 1]
+``--cluster``: the same on a Redis Cluster (deploy/redis-cluster.conf, cluster-node-timeout as
+shipped): three primaries and a replica of the one that serves the ledger's slot ``{ll}``; the
+cluster promotes the replica itself and the killed node, restarted, rejoins as its replica.
+
+    python bench/failover.py [--cycles 20] [--steady 4] [--fleet 12] [--sidecars 3] [--wait-replicas 1] [--cluster]
 
 Last line: ``figures: name=value …`` (seconds; counts).
 """
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1,
                     help="Redis replicas; with 2 or more the killed node is restarted only once writes are "
                          "acknowledged again (the remaining replica confirms them), not before")
+    ap.add_argument("--cluster", action="store_true", help="a Redis Cluster instead of Sentinel's group")
     args = ap.parse_args()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, "
@@ -68,7 +73,10 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="llfailover-"))
     env = {"LAYERLOCK_REDIS_WAIT_REPLICAS": str(args.wait_replicas)}
     rows = []
-    with ha_stack(base, fleet=args.fleet, workers=args.workers, replicas=args.replicas, env=env) as stack:
+    print(f"topology: {'Redis Cluster, 3 primaries' if args.cluster else 'Sentinel'}, {args.replicas} replica(s) "
+          f"of the ledger's primary, WAIT {args.wait_replicas}")
+    with ha_stack(base, fleet=args.fleet, workers=args.workers, replicas=args.replicas, env=env,
+                  cluster=args.cluster) as stack:
         load = Load(stack, sidecars=args.sidecars).start()
         try:
             for cycle in range(1, args.cycles + 1):
@@ -83,7 +91,7 @@ def main() -> None:
                 killed = time.monotonic()
                 old.kill()
                 if not wait_for(lambda old=old: stack.group.primary_port() not in (None, old.port), 60):
-                    raise SystemExit(f"cycle {cycle}: Sentinel promoted no replica")
+                    raise SystemExit(f"cycle {cycle}: no replica was promoted")
                 promoted = time.monotonic()
                 if args.replicas >= 2 and not wait_for(lambda killed=killed: any(
                         a.ok and a.kind in WRITES and a.started >= killed for a in list(load.answers)), 60):

@@ -134,7 +134,7 @@ def main() -> None:
                     best[name] = res
         live = stack.redis.zcount(seats.key(license_id), time.time(), "+inf")
         assert live == args.seats, live
-        audit = stack.redis.xlen("ll:audit")
+        audit = stack.redis.xlen("{ll}:audit")
         print("rates per round: " + "  ".join(f"{k}=" + "/".join(f"{x:.0f}" for x in v) for k, v in seen.items()))
         for name, res in best.items():
             print(f"{name:<8} {res['rps']:7.0f}/s  p50 {res['p50_ms']:6.2f} ms  p99 {res['p99_ms']:6.2f} ms  "

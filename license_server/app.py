@@ -22,7 +22,7 @@ from layerlock.license_server.keystore import KeyStore
 from layerlock.license_server.policy import SuitePolicy
 from layerlock.license_server.redis_conn import REDIS_DOWN, RedisClient, connect
 from layerlock.license_server.statuses import status_of
-from layerlock.license_server.store import apikeys
+from layerlock.license_server.store import apikeys, layout
 from layerlock.license_server.store.audit import AuditLog
 from layerlock.license_server.store.commit import Commits
 from layerlock.license_server.store.guards import ActivationReader
@@ -43,9 +43,11 @@ class Services:
     bootstrapped: bool = field(default=False)
 
     def ensure_bootstrap(self) -> None:
-        """Put the init-time admin key hash into Redis once Redis is reachable."""
+        """Once Redis is reachable: move an old key layout (:mod:`store.layout`), then put the
+        init-time admin key hash into Redis."""
         if self.bootstrapped:
             return
+        layout.migrate(self.redis)
         h = self.keys.current.bootstrap_hash
         if h:
             apikeys.ensure_bootstrap(self.commits, h)

@@ -1,7 +1,7 @@
 """Signed checkpoints: the audit chain's anchor outside Redis.
 
 Why: the hash chain (``store/audit.py``) only proves that records agree *with each other*.
-Whoever can write to Redis can drop the newest records and reset ``ll:audit:head``, or edit a
+Whoever can write to Redis can drop the newest records and reset ``{ll}:audit:head``, or edit a
 record and recompute every later ``prev``/``h`` — the chain then verifies again.  As Certificate
 Transparency (signed tree heads) and Rekor/Trillian (checkpoints) do, the server signs
 {size, head} with an Ed25519 key that lives in its key directory, never in Redis.  An auditor
@@ -248,14 +248,24 @@ class ChainWalk:
 
 
 # --- stored checkpoints (server side: Redis holds them, the key dir signs them) ---------------
+# KEYS: the audit stream, its head.  Returns {length, head or '', the last record's hash or ''}:
+# one script, so the three agree on a single Redis and on a cluster alike (a cluster client's
+# MULTI returns stream entries unparsed).
+_SNAPSHOT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local h = ''
+if #last > 0 then
+  local f = last[1][2]
+  for i = 1, #f, 2 do if f[i] == 'h' then h = f[i + 1] end end
+end
+return {redis.call('XLEN', KEYS[1]), redis.call('GET', KEYS[2]) or '', h}
+"""
+
+
 def snapshot(r: Any) -> tuple[int, str]:
     """(size, head) of the chain, read atomically; refuses a head that is not the last record's."""
-    with r.pipeline(transaction=True) as pipe:
-        pipe.xlen(P + "audit")
-        pipe.get(P + "audit:head")
-        pipe.xrevrange(P + "audit", count=1)
-        size, head, last = pipe.execute()
-    if (last[0][1].get("h") if last else None) != (head if size else None):
+    size, head, last = r.eval(_SNAPSHOT, 2, P + "audit", P + "audit:head")
+    if (last or None) != ((head or None) if size else None):
         raise CheckpointError("the audit head does not match the last record; run `layerlock audit verify`")
     return int(size), head or GENESIS
 

@@ -25,7 +25,8 @@ class ServerConfig:
     """Every server setting.  Durations are seconds, sizes are bytes."""
 
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    #: ``redis://``, ``rediss://`` (TLS), ``unix://`` or ``redis+sentinel://host:port[,host:port]/service``.
+    #: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://host:port[,host:port]/service`` or
+    #: ``redis+cluster://host:port[,host:port]`` (``rediss+cluster://`` with TLS).
     #: Empty: the gunicorn master starts an embedded ``redis-server`` under ``data_dir/redis``.
     redis_url: str = ""
     redis_timeout: float = 1.5

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -22,21 +23,56 @@ from layerlock.shared.errors import ConfigError
 RedisClient: TypeAlias = Any
 
 #: Anything that means "Redis is not reachable right now" (mapped to 503 by the error handler).
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+              redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+              # no node of a cluster reachable (raised by the client itself, without a round trip)
+              redis.exceptions.RedisClusterException)
+#: TLS settings a ``rediss+cluster://`` URL may carry in its query (as ``rediss://`` does).
+CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
+
+
+def is_cluster(r: RedisClient) -> bool:
+    """Whether ``r`` talks to a Redis Cluster (where a script sees one hash slot only)."""
+    return isinstance(r, RedisCluster)
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    hosts = []
+    for item in netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.partition(":")
+        if not host or not (port or "0").isdigit():
+            raise ConfigError(f"bad host:port {item!r} in the Redis URL")
+        hosts.append((host, int(port or default_port)))
+    return hosts
+
+
+def _cluster(url: str, opts: dict[str, Any]) -> RedisClient:
+    """``redis+cluster://[user:password@]h:p[,h:p...]``: any reachable node finds the others."""
+    parsed = urlparse(url)
+    if parsed.path.strip("/") not in ("", "0"):
+        raise ConfigError("a Redis Cluster has only database 0: drop the path from the redis+cluster URL")
+    query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
+    unknown = set(query) - set(CLUSTER_TLS_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown redis+cluster URL option(s): {', '.join(sorted(unknown))}")
+    tls = url.startswith("rediss+cluster://")
+    if query and not tls:
+        raise ConfigError("ssl_* options need a rediss+cluster:// URL")
+    nodes = [ClusterNode(host, port) for host, port in _hosts(parsed.netloc, 6379)]  # type: ignore[no-untyped-call]
+    return RedisCluster(startup_nodes=nodes, username=parsed.username, password=parsed.password,
+                        ssl=tls, **({**opts, **query}))
 
 
 def connect(url: str, timeout: float) -> RedisClient:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://h:p[,h:p]/service``."""
+    """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://h:p[,h:p]/service``
+    or ``redis+cluster://h:p[,h:p]`` (``rediss+cluster://`` with TLS)."""
     # One quick retry (covers a Sentinel failover or a dropped idle connection), then give up:
     # a request must not wait past a couple of seconds for a Redis that is down.
     opts = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "health_check_interval": 10,
             "decode_responses": True, "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 1)}
     if url.startswith("redis+sentinel://"):
         parsed = urlparse(url)
-        hosts = []
-        for item in parsed.netloc.rsplit("@", 1)[-1].split(","):
-            host, _, port = item.partition(":")
-            hosts.append((host, int(port or 26379)))
+        hosts = _hosts(parsed.netloc, 26379)
         service = parsed.path.strip("/").split("/")[0]
         if not service:
             raise ConfigError("redis+sentinel URL needs the service name as its path")
@@ -45,6 +81,9 @@ def connect(url: str, timeout: float) -> RedisClient:
                             sentinel_kwargs={"socket_timeout": timeout})
         return sentinel.master_for(service, db=int(query.get("db", ["0"])[0]),  # type: ignore[no-untyped-call]
                                    **opts)
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        return _cluster(url, opts)
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("LAYERLOCK_REDIS_URL must be redis://, rediss://, unix:// or redis+sentinel://")
+        raise ConfigError("LAYERLOCK_REDIS_URL must be redis://, rediss://, unix://, redis+sentinel:// "
+                          "or redis+cluster://")
     return redis.Redis.from_url(url, **opts)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 import requests
 
 from layerlock.license_server.embedded_redis import find_redis_server
@@ -69,13 +70,14 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
             [find_redis_server() or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log")],
+             "--logfile", str(self.dir / "redis.log"), *self.extra_args],
             stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_timeout=1, retry_on_error=[])
@@ -85,6 +87,8 @@ class RedisServer:
             try:
                 if client.ping():
                     return
+            except redis.exceptions.MasterDownError:  # up: a replica still syncing (replica-serve-stale-data no)
+                return
             except (redis.ConnectionError, redis.BusyLoadingError):
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
@@ -106,6 +110,116 @@ class RedisServer:
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
+
+
+class RedisClusterServer:
+    """A real 3-primary Redis Cluster: three ``redis-server`` processes with deploy/redis-cluster.conf on
+    loopback, the 16,384 slots split between them (``CLUSTER ADDSLOTSRANGE``), joined with
+    ``CLUSTER MEET`` — what ``redis-cli --cluster create`` does, without needing redis-cli.
+
+    Same interface as :class:`RedisServer`: ``url`` (``redis+cluster://h:p,h:p,h:p``), ``start()``,
+    ``stop()``, ``kill()``, ``client()`` (a ``RedisCluster``); plus ``nodes`` (one
+    :class:`RedisServer` per primary, then the replicas).  ``replicas=1`` adds a replica of the
+    primary serving the ledger's slot (:meth:`ledger_primary`, :meth:`replica_of_ledger`).
+    """
+
+    PRIMARIES = 3
+    SLOTS = 16384
+
+    def __init__(self, directory: Path, appendfsync: str = "always", replicas: int = 0) -> None:
+        self.dir = directory
+        self.replicas = replicas
+        self.nodes = [RedisServer(directory / f"node{i}", appendfsync=appendfsync)
+                      for i in range(self.PRIMARIES + replicas)]
+        self.bus_ports = [free_port() for _ in self.nodes]
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:self.PRIMARIES])
+        shipped = [line for line in (REPO / "deploy" / "redis-cluster.conf").read_text().splitlines()
+                   if line.strip() and not line.startswith(("#", "include ", "port ", "cluster-config-file "))]
+        for node, bus in zip(self.nodes, self.bus_ports, strict=True):  # deploy/redis-cluster.conf as shipped
+            (node.dir / "cluster.conf").write_text("\n".join(
+                [*shipped, f"cluster-config-file {node.dir / 'nodes.conf'}", f"cluster-port {bus}", ""]))
+            node.extra_args = ["--include", str(node.dir / "cluster.conf")]
+
+    def start(self, timeout: float = 20.0) -> None:
+        for node in self.nodes:
+            node.start()
+        plain = [redis.Redis(port=n.port, decode_responses=True, socket_timeout=5) for n in self.nodes]
+        if int(plain[0].cluster("info").get("cluster_slots_assigned", 0)) == 0:  # first start: form it
+            step = self.SLOTS // self.PRIMARIES
+            for i, c in enumerate(plain[:self.PRIMARIES]):
+                last = self.SLOTS - 1 if i == self.PRIMARIES - 1 else (i + 1) * step - 1
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+            for n, bus in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                plain[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, bus)
+            if self.replicas:
+                assert wait_for(lambda: all(int(c.cluster("info").get("cluster_known_nodes", 0)) == len(self.nodes)
+                                            for c in plain), timeout), "nodes did not meet"
+                primary = plain[self.nodes.index(self.ledger_primary())].execute_command("CLUSTER", "MYID")
+                for c in plain[self.PRIMARIES:]:
+                    c.execute_command("CLUSTER", "REPLICATE", primary)
+        ok = wait_for(lambda: all(c.cluster("info").get("cluster_state") == "ok"
+                                  and int(c.cluster("info").get("cluster_known_nodes", 0)) == len(self.nodes)
+                                  for c in plain), timeout)
+        if ok and self.replicas:  # and each replica synced with its primary
+            ok = wait_for(lambda: all(c.info("replication").get("master_link_status") == "up"
+                                      for c in plain[self.PRIMARIES:]), timeout)
+        for c in plain:
+            c.close()
+        if not ok:
+            raise RuntimeError("the Redis Cluster did not reach cluster_state:ok with its replicas in sync")
+
+    def client(self) -> Any:
+        return redis_client(self.url)
+
+    def reset(self) -> None:
+        """Empty again for the next test (a shared cluster: forming one takes ~2 s); nodes a test
+        stopped or killed are started first."""
+        if any(n.proc is None or n.proc.poll() is not None for n in self.nodes):
+            self.kill()
+            self.start()
+        for n in self.nodes[:self.PRIMARIES]:
+            with redis.Redis(port=n.port, socket_timeout=5) as c:
+                c.flushall()
+
+    def ledger_primary(self) -> RedisServer:
+        """The primary the slots were first given to that holds the ``{ll}`` slot (all the state)."""
+        slot = redis.cluster.key_slot(b"{ll}")
+        return self.nodes[min(slot // (self.SLOTS // self.PRIMARIES), self.PRIMARIES - 1)]
+
+    def replica_of_ledger(self) -> RedisServer:
+        assert self.replicas, "started without replicas"
+        return self.nodes[self.PRIMARIES]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+def redis_client(url: str) -> Any:
+    """A test's own client on ``url`` (``redis://…`` or ``redis+cluster://…``), replies decoded."""
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import ClusterNode, RedisCluster
+        nodes = [ClusterNode(h, int(p)) for h, p in (x.split(":") for x in url.split("//", 1)[1].split(","))]
+        return RedisCluster(startup_nodes=nodes, decode_responses=True, socket_timeout=5)
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
+
+
+#: ``LAYERLOCK_TEST_REDIS=cluster`` runs the API tests on a 3-primary Redis Cluster (``make
+#: test-cluster``); unset, on one redis-server.
+TEST_REDIS = os.environ.get("LAYERLOCK_TEST_REDIS", "single")
+
+
+def make_redis(directory: Path) -> RedisServer | RedisClusterServer:
+    """The Redis the API tests run on: one server, or a cluster under ``LAYERLOCK_TEST_REDIS=cluster``."""
+    if TEST_REDIS == "cluster":
+        return RedisClusterServer(directory)
+    if TEST_REDIS != "single":
+        raise RuntimeError(f"LAYERLOCK_TEST_REDIS must be 'single' or 'cluster', not {TEST_REDIS!r}")
+    return RedisServer(directory)
 
 
 class LicenseServer:
@@ -178,14 +292,34 @@ class LicenseServer:
         return requests.request(method, self.url + path, json=json, headers=headers,
                                 timeout=kwargs.pop("timeout", 10), **kwargs)
 
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=5)
+    def redis(self) -> Any:
+        return redis_client(self.redis_url)
+
+
+@pytest.fixture(scope="session")
+def _shared_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Under ``LAYERLOCK_TEST_REDIS=cluster``: one cluster for every test's ``redis_server``, emptied
+    between tests (module-scoped servers start their own: :func:`make_redis`); else None."""
+    if TEST_REDIS != "cluster":
+        yield None
+        return
+    cluster = RedisClusterServer(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.kill()
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path):
-    """A real redis-server (see :class:`RedisServer`); stopped at teardown."""
-    server = RedisServer(tmp_path / "redis")
+def redis_server(tmp_path: Path, _shared_cluster: RedisClusterServer | None):
+    """A real redis-server (see :class:`RedisServer`); under ``LAYERLOCK_TEST_REDIS=cluster`` the
+    shared cluster, emptied."""
+    if _shared_cluster is not None:
+        _shared_cluster.reset()
+        yield _shared_cluster
+        return
+    server = make_redis(tmp_path / "redis")
     server.start()
     try:
         yield server

@@ -63,7 +63,8 @@ def gunicorn_config() -> str:
 @click.option("--workers", type=int, default=None, help="gunicorn workers (default 2 × CPUs, max 8).")
 @click.option("--threads", type=int, default=None, help="Threads per worker (default 4).")
 @click.option("--redis-url", envvar="LAYERLOCK_REDIS_URL", default="",
-              help="Existing Redis (redis://, rediss://, unix://, redis+sentinel://). Unset: embedded.")
+              help="Existing Redis (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://). "
+                   "Unset: embedded.")
 @click.option("--appendfsync", type=click.Choice(["everysec", "always"]), default=None,
               help="Embedded Redis AOF fsync policy (default everysec).")
 @click.option("--config", "config_file", type=click.Path(exists=True), default=None, help="TOML config file.")

@@ -1,6 +1,6 @@
 """Console sessions: server-side, in Redis; the browser holds only a random session id.
 
-Redis keeps ``ll:console:session:<sha256(id)>`` — a hash of {key_id, csrf, created, seen, flash}
+Redis keeps ``{ll}:console:session:<sha256(id)>`` — a hash of {key_id, csrf, created, seen, flash}
 — so whoever reads Redis learns no cookie that would let him in.  A session is bound to the API
 key that signed in, never to a copy of the key: every request re-reads that key's record, so
 revoking the key ends its console sessions at once and its role is always the current one.
@@ -22,7 +22,9 @@ import secrets
 import time
 from typing import Any
 
-PREFIX = "ll:console:session:"
+from layerlock.license_server.store import P
+
+PREFIX = P + "console:session:"
 COOKIE = "ll_console"
 PRE_COOKIE = "ll_console_signin"
 COOKIE_PATH = "/console"

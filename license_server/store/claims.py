@@ -7,7 +7,7 @@ it.  A key is bound only in one of two ways:
 * ops paste the host's whole enrollment code into ``machines add`` — the key travels with the
   code, out of band, and is bound at registration; or
 * ops create a **claim** for a registered machine: a random single-use secret, shown once,
-  stored only as its SHA-256 (``ll:claim:<sha256>``), that expires.  The host presents it
+  stored only as its SHA-256 (``{ll}:claim:<sha256>``), that expires.  The host presents it
   with its self-signed enrollment code (``layerlock-verifier enroll --claim``); the key is
   bound, the claim marked used and the ``machine_enrolled`` record appended in one commit.
 

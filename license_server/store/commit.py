@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from layerlock.license_server.redis_conn import RedisClient
+from layerlock.license_server.redis_conn import RedisClient, is_cluster
 from layerlock.license_server.store import P, dumps, outbox
 from layerlock.license_server.store.audit import GENESIS, HEAD, STREAM, digest
 from layerlock.shared.errors import Conflict, LayerlockError, NotFound, NotReplicated
@@ -215,12 +215,15 @@ class Commits:
             status, value = self._commit(keys=keys, args=args)
             return int(status), value
         for _ in range(2):
-            with self.r.pipeline(transaction=False) as pipe:
+            with self._primary().pipeline(transaction=False) as pipe:
                 pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
                 pipe.wait(self.wait_replicas, self.wait_timeout_ms)
                 result, acked = pipe.execute(raise_on_error=False)
             if isinstance(result, redis.exceptions.NoScriptError):  # a fresh primary: load it once
-                self.r.script_load(_COMMIT)
+                self._primary().script_load(_COMMIT)
+                continue
+            if isinstance(result, redis.exceptions.MovedError):  # a cluster failover moved the slot
+                self.r.nodes_manager.initialize()
                 continue
             if isinstance(result, redis.exceptions.ResponseError) and str(result).startswith("NOREPLICAS"):
                 raise NotReplicated("no replica is connected to the license database (min-replicas-to-write): "
@@ -232,6 +235,14 @@ class Commits:
                 self._confirmed(acked)
             return status, value
         raise NotReplicated("the commit script could not be loaded on the primary; retry shortly")
+
+    def _primary(self) -> RedisClient:
+        """The client whose connection both the commit and its ``WAIT`` go over.  On a cluster,
+        the primary serving the ledger's slot (``WAIT`` has no key a cluster client could route
+        by, and it only counts writes made on its own connection)."""
+        if not is_cluster(self.r):
+            return self.r
+        return self.r.get_redis_connection(self.r.get_node_from_key(HEAD))
 
     def _confirmed(self, acked: Any) -> None:
         if isinstance(acked, Exception):
@@ -249,7 +260,7 @@ class Commits:
         writes (a signed checkpoint): ``WAIT`` alone only covers this connection's own."""
         if not self.wait_replicas:
             return
-        with self.r.pipeline(transaction=False) as pipe:
+        with self._primary().pipeline(transaction=False) as pipe:
             pipe.publish(BARRIER, "")
             pipe.wait(self.wait_replicas, self.wait_timeout_ms)
             _, acked = pipe.execute()

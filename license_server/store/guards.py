@@ -27,8 +27,9 @@ from layerlock.license_server.store.commit import Change
 # the machine's family set, the machine's customer's pool sets for the model and for its family
 # (family and customer read here, from the model and machine hashes).  A pool license gets two
 # extra fields: ``_used`` (live seats: ZCOUNT now +inf) and ``_held`` (this machine's seat score,
-# '' if none).  Keys other than KEYS are not declared up front: fine on one Redis or a Sentinel
-# group, as for the license hashes.
+# '' if none).  Keys other than KEYS (the index sets, license hashes, seat zsets) cannot be
+# declared up front — they are found by reading; Redis allows that, on a cluster too, because every
+# key carries the {ll} hash tag and so lives in the slot of the declared ones (store/__init__.py).
 _SNAPSHOT = """
 local family = redis.call('HGET', KEYS[4], 'family')
 local customer = redis.call('HGET', KEYS[3], 'customer')

@@ -2,7 +2,7 @@
 
 A fingerprinted model's fingerprint secret (:mod:`layerlock.shared.fingerprint`: its chip key and
 the original values at the fingerprint positions) is sealed under the same KEK and kept apart, in
-``ll:model:<id>:fp``, because the activation snapshot reads the model hash on every request and
+``{ll}:model:<id>:fp``, because the activation snapshot reads the model hash on every request and
 the secret is tens of kilobytes: it is read only when a license's ``wk`` is sealed afresh.
 """
 

@@ -6,10 +6,10 @@ stale capture, an unknown claim secret) could come from anyone, as fast as they 
 auditing each one would let an outsider grow the trail without bound and bury real events.
 Such rejections are instead:
 
-* counted per source (``ll:rl:bad:<source>:<minute>``) so a source that keeps failing is
+* counted per source (``{ll}:rl:bad:<source>:<minute>``) so a source that keeps failing is
   refused cheaply before any signature work — and *never* counted against the machine it
   names, so nobody can lock a machine out without its key;
-* aggregated per hour and reason (``ll:rejects:<YYYYMMDDHH>``: one hash, one field per reason,
+* aggregated per hour and reason (``{ll}:rejects:<YYYYMMDDHH>``: one hash, one field per reason,
   kept 8 days), a bounded form ops can read at ``GET /v1/audit/rejections``;
 * exported as the Prometheus counter ``layerlock_rejected_total{reason}``.
 """

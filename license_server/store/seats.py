@@ -1,9 +1,9 @@
 """Seats of pool licenses (``seats`` and ``floating``): who holds one, and until when.
 
-``ll:seats:<license>`` is a zset machine → *until* (Unix seconds): a seat is **live** while
+``{ll}:seats:<license>`` is a zset machine → *until* (Unix seconds): a seat is **live** while
 ``until >= now``.  ``until`` is the lease's end plus the license's revive window for a lease
 (``lease_ttl`` > 0: every floating license, and node-locked seats that ops gave a heartbeat), or
-``+inf`` for a node-locked seat held until ops release it.  ``ll:leases`` indexes every finite
+``+inf`` for a node-locked seat held until ops release it.  ``{ll}:leases`` indexes every finite
 lease (member ``<license>|<machine>``, same score) for the culler.
 
 Taking a seat is part of the activation's one commit (:func:`take`): a guard re-checks, inside

@@ -1,17 +1,17 @@
 """Webhook endpoints and their deliveries, in Redis.
 
 =============================  ==========================================================
-``ll:webhook:<id>``            hash: url, events (JSON), status, description, the signing
+``{ll}:webhook:<id>``            hash: url, events (JSON), status, description, the signing
                                secret sealed under the KEK (``secret`` + ``kek_id``)
-``ll:webhooks``                zset of webhook ids by creation time (listing)
-``ll:wh:on:<event>``           set of active webhook ids subscribed to an event (``*``: all)
-``ll:wh:outbox``               list: audit record ids (or inline JSON events) to fan out
-``ll:wh:d:<delivery>``         hash: one event for one endpoint — body, status (pending,
+``{ll}:webhooks``                zset of webhook ids by creation time (listing)
+``{ll}:wh:on:<event>``           set of active webhook ids subscribed to an event (``*``: all)
+``{ll}:wh:outbox``               list: audit record ids (or inline JSON events) to fan out
+``{ll}:wh:d:<delivery>``         hash: one event for one endpoint — body, status (pending,
                                delivered, failed, cancelled), attempts, next_at, last result
-``ll:wh:queue``                zset delivery id → when it is due (Unix s); a claimed one is
+``{ll}:wh:queue``                zset delivery id → when it is due (Unix s); a claimed one is
                                pushed ``CLAIM_S`` ahead, so a worker that dies mid-send
                                leaves it due again (at-least-once)
-``ll:wh:log``                  stream of delivery ids, newest last (the delivery log)
+``{ll}:wh:log``                  stream of delivery ids, newest last (the delivery log)
 =============================  ==========================================================
 
 The secret is needed to sign (HMAC), so it cannot be stored hashed: it is sealed under the

@@ -69,9 +69,9 @@ def seed_history(r: Any, machines: list[Machine], model: str, hours: int = 24) -
                 "ip": f"10.0.{rng.randint(0, 3)}.{rng.randint(2, 250)}", **fields, "prev": prev}
         canonical = _dumps(body)
         prev = hashlib.sha256(canonical.encode()).hexdigest()
-        r.xadd("ll:audit", {"rec": canonical, "h": prev}, id=f"{int(t * 1000)}-0")
+        r.xadd("{ll}:audit", {"rec": canonical, "h": prev}, id=f"{int(t * 1000)}-0")
         n += 1
-    r.set("ll:audit:head", prev)
+    r.set("{ll}:audit:head", prev)
     return n
 
 
@@ -231,7 +231,7 @@ def test_auditor_sees_no_write_controls_and_a_forged_post_is_refused(stack, brow
     nav = d.find_element(By.CSS_SELECTOR, "nav.nav").text
     assert "Audit" in nav and "API keys" not in nav
     lic = stack.api("GET", "/v1/licenses?status=active").json()["items"][0]
-    before = stack.redis().xlen("ll:audit")
+    before = stack.redis().xlen("{ll}:audit")
     # forge the revoke form a writer would see, with this session's own valid CSRF token
     d.execute_script("""
         const token = document.querySelector("input[name=csrf]").value;
@@ -242,7 +242,7 @@ def test_auditor_sees_no_write_controls_and_a_forged_post_is_refused(stack, brow
         document.body.appendChild(f); f.submit();""", f"/console/licenses/{lic['license_id']}/revoke")
     assert wait_for(lambda: "Not allowed" in d.find_element(By.TAG_NAME, "h1").text, 10)
     assert "role auditor may not do this" in d.find_element(By.TAG_NAME, "main").text
-    assert stack.redis().xlen("ll:audit") == before
+    assert stack.redis().xlen("{ll}:audit") == before
     assert stack.api("GET", f"/v1/licenses/{lic['license_id']}").json()["status"] == "active"
 
 

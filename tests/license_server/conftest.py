@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import LicenseServer, RedisServer
+from tests.conftest import LicenseServer, make_redis
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """One real Redis + gunicorn license server shared by a test module (see tests/conftest.py)."""
     base = tmp_path_factory.mktemp("ls")
-    rs = RedisServer(base / "redis")
+    rs = make_redis(base / "redis")
     rs.start()
     ls = LicenseServer(base / "server", rs.url)
     try:

@@ -29,6 +29,7 @@ from typing import Any
 
 import jwt
 import redis
+import redis.cluster
 import requests
 from ls_helpers import Machine, new_machine
 from test_deploy import Front, _self_signed, _tool
@@ -41,10 +42,12 @@ from layerlock.shared.errors import ActivationDenied, LayerlockError, RetryLater
 from layerlock.shared.keys import b64u_decode, x25519_public
 from layerlock.shared.wrap import seal_for_server
 from layerlock.verifier.activation import ServerClient
-from tests.conftest import REPO, LicenseServer, free_port, wait_for
+from tests.conftest import REPO, LicenseServer, RedisClusterServer, RedisServer, free_port, wait_for
 
 DEPLOY = REPO / "deploy"
 SERVICE = "llmaster"
+#: The hash slot of ``{ll}``: where a cluster keeps all of layerlock's state.
+LEDGER_SLOT = redis.cluster.key_slot(b"{ll}")
 
 
 def _substitute(text: str, replacements: dict[str, str], drop: tuple[str, ...] = ()) -> str:
@@ -209,6 +212,70 @@ class RedisGroup:
         return node.client()
 
 
+class ClusterGroup:
+    """The same interface as :class:`RedisGroup` on a Redis Cluster (deploy/redis-cluster.conf):
+    three primaries and ``replicas`` replicas of the one serving the ledger's slot ``{ll}``.  The
+    cluster itself fails over (no Sentinel); a killed node restarted with its ``nodes.conf``
+    rejoins as a replica of the node that replaced it."""
+
+    def __init__(self, base: Path, replicas: int = 1) -> None:
+        self.cluster = RedisClusterServer(base / "cluster", replicas=replicas)
+        self.nodes = self.cluster.nodes
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    def start(self) -> None:
+        self.cluster.start()
+
+    def _role(self, node: RedisServer) -> dict[str, Any]:
+        try:
+            with redis.Redis(port=node.port, decode_responses=True, socket_timeout=1, retry_on_error=[]) as c:
+                return dict(c.info("replication"))
+        except redis.RedisError:
+            return {}
+
+    def primary_port(self) -> int | None:
+        """The node that serves the ``{ll}`` slot as a primary, as the live nodes see it."""
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            try:
+                with redis.Redis(port=node.port, decode_responses=True, socket_timeout=1, retry_on_error=[]) as c:
+                    for lo, hi, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                        if int(lo) <= LEDGER_SLOT <= int(hi):
+                            port = int(primary[1])
+                            alive = next((n for n in self.nodes if n.port == port), None)
+                            ok = alive is not None and alive.proc is not None and alive.proc.poll() is None
+                            return port if ok and self._role(alive).get("role") == "master" else None
+            except redis.RedisError:
+                continue
+        return None
+
+    def primary(self) -> RedisServer | None:
+        port = self.primary_port()
+        return next((n for n in self.nodes if n.port == port), None)
+
+    def rejoin(self, node: RedisServer) -> float:
+        """Restart a killed node once the cluster promoted another, and wait until it is its synced replica."""
+        assert wait_for(lambda: self.primary_port() not in (None, node.port), 60), "no failover happened"
+        promoted = time.monotonic()
+        node.start()
+        assert wait_for(lambda: self._role(node).get("role") == "slave"
+                        and self._role(node).get("master_link_status") == "up", 30), \
+            (node.dir / "redis.log").read_text()[-2000:]
+        return promoted
+
+    def stop(self) -> None:
+        self.cluster.kill()
+
+    def client(self) -> redis.Redis:
+        node = self.primary()
+        assert node is not None, "no primary"
+        return redis.Redis(port=node.port, decode_responses=True, socket_timeout=5)
+
+
 def replica_server(first: LicenseServer, data_dir: Path) -> LicenseServer:
     """Another server on the same Redis with a copy of ``first``'s key directory (as a second host)."""
     shutil.copytree(first.data_dir, data_dir)
@@ -274,7 +341,7 @@ def nginx_in_front_of(tmp_path: Path, upstream_ports: list[int], *, access_log: 
 
 @dataclass
 class Stack:
-    group: RedisGroup
+    group: RedisGroup | ClusterGroup
     servers: list[LicenseServer]
     front: Front
     admin: dict[str, str]
@@ -291,9 +358,10 @@ class Stack:
 
 @contextmanager
 def ha_stack(base: Path, *, fleet: int = 12, workers: int = 2, replicas: int = 1,
-             env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """The whole topology, started, with a registered fleet, a model for it and a license each."""
-    group = RedisGroup(base, replicas)
+             env: dict[str, str] | None = None, cluster: bool = False) -> Iterator[Stack]:
+    """The whole topology, started, with a registered fleet, a model for it and a license each.
+    ``cluster``: a Redis Cluster (:class:`ClusterGroup`) instead of Sentinel's group."""
+    group: RedisGroup | ClusterGroup = ClusterGroup(base, replicas) if cluster else RedisGroup(base, replicas)
     servers: list[LicenseServer] = []
     try:
         group.start()

@@ -79,7 +79,7 @@ def snapshot(r: redis.Redis) -> dict[str, Any]:
     """Every key's serialized value, except activation guards (nonces, rate counters)."""
     out = {}
     for k in sorted(r.scan_iter(count=1000)):
-        if k.startswith(("ll:nonce:", "ll:rl:")):
+        if k.startswith(("{ll}:nonce:", "{ll}:rl:")):
             continue
         out[k] = r.dump(k)
     return out

@@ -10,6 +10,7 @@ import jwt
 import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
+from layerlock.license_server.store import P
 from layerlock.shared.keys import b64u_decode
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
@@ -48,13 +49,13 @@ def test_wk_is_sealed_once_per_license_and_reused_and_still_opens(server):
     first, second = (verify_token(activate(server, m, model_id).json()["token"], _jwks(server), machine_code=m.code)
                      for _ in range(2))
     assert first.jti != second.jti and first.wk == second.wk
-    stored = server.redis().hget(f"ll:license:{lic['license_id']}", "wk_" + first.suite)
+    stored = server.redis().hget(f"{P}license:{lic['license_id']}", "wk_" + first.suite)
     assert stored.endswith(":" + first.wk)
     key = open_sealed(second.wrapped_key, MachineKemKeys(m.kx).private_for(second.suite), second.suite,
                       binding_info(second.lic, m.code, model_id))
     assert key == data_key
     # a cached wk that does not match the machine's current keys is never served
-    server.redis().hset(f"ll:license:{lic['license_id']}", "wk_" + first.suite, "0" * 16 + ":" + first.wk)
+    server.redis().hset(f"{P}license:{lic['license_id']}", "wk_" + first.suite, "0" * 16 + ":" + first.wk)
     third = verify_token(activate(server, m, model_id).json()["token"], _jwks(server), machine_code=m.code)
     assert third.wk != first.wk
     # revoke still works at once (the cache field is no guard of ops' writes) and is reflected
@@ -177,7 +178,7 @@ def test_models_never_return_key_material(server):
     assert server.api("GET", "/v1/intake-key").json()["intake_pub"] == server.intake_pub
     assert server.api("POST", f"/v1/models/{model_id}/retire").json()["status"] == "retired"
     # the KEK-sealed copy in Redis is not the plaintext key
-    stored = server.redis().hget(f"ll:model:{model_id}", "wrapped_key")
+    stored = server.redis().hget(f"{P}model:{model_id}", "wrapped_key")
     assert data_key not in b64u_decode(stored)
 
 

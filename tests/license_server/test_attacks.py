@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 
+from layerlock.license_server.store import P
 from layerlock.license_server.store.audit import STREAM
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
@@ -149,7 +150,7 @@ def test_bad_claim_requests_change_nothing(license_server):
         r = requests.post(license_server.url + "/v1/enroll", json=doc, timeout=10)
         assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "message"}, (doc, r.text)
     after = snapshot(license_server.redis())
-    assert {k for k in after if not k.startswith("ll:rejects:")} == set(before)
+    assert {k for k in after if not k.startswith("{ll}:rejects:")} == set(before)
     assert all(after[k] == before[k] for k in before)
 
 
@@ -189,12 +190,12 @@ def test_keyless_flood_neither_locks_the_machine_out_nor_grows_the_audit_trail(t
     # 6 grants recorded; not one record for the 150 junk requests
     assert r.xlen(STREAM) == audit_len + 6
     # the flood never counted against the machine: only its own 6 signed requests did
-    counters = [int(r.get(k)) for k in r.scan_iter(f"ll:rl:m:{m.code}:*")]
+    counters = [int(r.get(k)) for k in r.scan_iter(f"{P}rl:m:{m.code}:*")]
     assert sum(counters) == 6
     # the junk is visible, aggregated and bounded: one hash per hour, one field per reason
     totals = srv.api("GET", "/v1/audit/rejections", params={"hours": 1}).json()["totals"]
     assert totals["bad_signature"] + totals["unknown_machine"] == 20
-    assert len(list(r.scan_iter("ll:rejects:*"))) == 1
+    assert len(list(r.scan_iter("{ll}:rejects:*"))) == 1
     metrics = requests.get(srv.url + "/metrics", timeout=5).text
     assert 'layerlock_rejected_total{reason="rate_limited"}' in metrics
 

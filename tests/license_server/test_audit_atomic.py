@@ -12,12 +12,13 @@ import pytest
 import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
+from layerlock.license_server.store import P
 from tests.conftest import RedisServer
 
-STREAM = "ll:audit"
+STREAM = "{ll}:audit"
 #: Keys that are activation guards, not state: written without an audit record of their own.
 # counters, not state: rate-limit windows and the per-hour tallies of unauthenticated rejections
-GUARD_PREFIXES = ("ll:rl:", "ll:rejects:")
+GUARD_PREFIXES = ("{ll}:rl:", "{ll}:rejects:")
 
 
 def _last(r, n: int = 1) -> list[dict]:
@@ -32,14 +33,14 @@ def test_each_mutating_endpoint_writes_state_and_exactly_one_record(server):
     model_id = f"atomic-{m.code[:6].lower()}"
     steps = [  # (method, path, body, expected status, expected record type, state check)
         ("POST", "/v1/machines", {"machine": m.code, "customer": "c1"}, 201, "machine_registered",
-         lambda: r.hget(f"ll:machine:{m.code}", "customer") == "c1"),
+         lambda: r.hget(f"{P}machine:{m.code}", "customer") == "c1"),
         ("PATCH", f"/v1/machines/{m.code}", {"customer": "c2"}, 200, "machine_updated",
-         lambda: r.hget(f"ll:machine:{m.code}", "customer") == "c2"),
+         lambda: r.hget(f"{P}machine:{m.code}", "customer") == "c2"),
         ("POST", f"/v1/machines/{m.code}/deactivate", None, 200, "machine_deactivated",
-         lambda: r.hget(f"ll:machine:{m.code}", "status") == "inactive"),
+         lambda: r.hget(f"{P}machine:{m.code}", "status") == "inactive"),
         ("POST", f"/v1/machines/{m.code}/reactivate", None, 200, "machine_reactivated",
-         lambda: r.hget(f"ll:machine:{m.code}", "status") == "active"),
-        ("POST", "/v1/keys", {"role": "auditor"}, 201, "apikey_created", lambda: r.zcard("ll:apikeys") >= 2),
+         lambda: r.hget(f"{P}machine:{m.code}", "status") == "active"),
+        ("POST", "/v1/keys", {"role": "auditor"}, 201, "apikey_created", lambda: r.zcard("{ll}:apikeys") >= 2),
     ]
     for method, path, body, status, type_, check in steps:
         n0 = r.xlen(STREAM)
@@ -50,7 +51,7 @@ def test_each_mutating_endpoint_writes_state_and_exactly_one_record(server):
     key_id = _last(r)[0]["key_id"]
     n0 = r.xlen(STREAM)
     assert server.api("POST", f"/v1/keys/{key_id}/revoke").status_code == 200
-    assert r.xlen(STREAM) == n0 + 1 and r.hget(f"ll:apikey:{key_id}", "status") == "revoked"
+    assert r.xlen(STREAM) == n0 + 1 and r.hget(f"{P}apikey:{key_id}", "status") == "revoked"
 
     n0 = r.xlen(STREAM)
     add_model(server, model_id)
@@ -60,7 +61,7 @@ def test_each_mutating_endpoint_writes_state_and_exactly_one_record(server):
         n0 = r.xlen(STREAM)
         lic = issue(server, m, model_id, days=days)
         assert r.xlen(STREAM) == n0 + 1 and _last(r)[0]["license"] == lic["license_id"]
-        assert r.sismember(f"ll:lic:{m.code}:{model_id}", lic["license_id"])
+        assert r.sismember(f"{P}lic:{m.code}:{model_id}", lic["license_id"])
     lid = lic["license_id"]
     for path, body, type_ in ((f"/v1/licenses/{lid}/extend", {"days": 1}, "license_extended"),
                               (f"/v1/licenses/{lid}/revoke", {"reason": "t"}, "license_revoked")):
@@ -73,24 +74,24 @@ def test_each_mutating_endpoint_writes_state_and_exactly_one_record(server):
         n0 = r.xlen(STREAM)
         assert activate(server, m2, model2).status_code == 200
         assert r.xlen(STREAM) == n0 + 1 and _last(r)[0]["outcome"] == expect
-    assert r.hget(f"ll:license:{lic2['license_id']}", "activations") == "2"
+    assert r.hget(f"{P}license:{lic2['license_id']}", "activations") == "2"
     req = m2.request(model2)
     requests.post(server.url + "/v1/activate", json=req, timeout=5)
     n0 = r.xlen(STREAM)
     assert requests.post(server.url + "/v1/activate", json=req, timeout=5).json()["error"] == "replay"
     assert r.xlen(STREAM) == n0  # a replayed capture proves nothing: counted, not audited
-    assert r.hget(f"ll:license:{lic2['license_id']}", "activations") == "3"
+    assert r.hget(f"{P}license:{lic2['license_id']}", "activations") == "3"
     # a claim, then its redemption: each its state and exactly one record
     m3 = new_machine()
     register(server, m3, enrolled=False)
     n0 = r.xlen(STREAM)
     claim = server.api("POST", f"/v1/machines/{m3.code}/claims", {}).json()
     assert r.xlen(STREAM) == n0 + 1 and _last(r)[0]["type"] == "claim_created"
-    assert r.hget(f"ll:machine:{m3.code}", "claim_id") == claim["claim_id"]
+    assert r.hget(f"{P}machine:{m3.code}", "claim_id") == claim["claim_id"]
     resp = requests.post(server.url + "/v1/enroll", json={"enrollment": m3.enrollment, "claim": claim["claim"]},
                          timeout=5)
     assert resp.status_code == 200 and r.xlen(STREAM) == n0 + 2 and _last(r)[0]["type"] == "machine_enrolled"
-    assert r.hexists(f"ll:machine:{m3.code}", "sig_pub")
+    assert r.hexists(f"{P}machine:{m3.code}", "sig_pub")
     # refused changes write neither state nor a record
     snap_len = r.xlen(STREAM)
     for method, path, body, status in [
@@ -171,6 +172,7 @@ def _mutate_everything(srv) -> dict:
     return {"machine": m, "model": model_id, "license": lic["license_id"]}
 
 
+@pytest.mark.single_redis  # reads one server's AOF
 def test_every_state_write_shares_its_aof_transaction_with_one_audit_record(license_server, redis_server):
     """Redis replays an AOF transaction whole or not at all (a torn tail is dropped), so state
     and record written in one MULTI/EXEC can never be separated by a crash of anything."""
@@ -181,16 +183,17 @@ def test_every_state_write_shares_its_aof_transaction_with_one_audit_record(lice
     for unit in units:
         argvs = [argv for _, _, argv in unit if argv[0].upper() not in ("MULTI", "EXEC", "SELECT")]
         written = [argv[1] for argv in argvs if len(argv) > 1]
-        state = [k for k in written if k.startswith("ll:") and not k.startswith(GUARD_PREFIXES)]
+        state = [k for k in written if k.startswith("{ll}:") and not k.startswith(GUARD_PREFIXES)]
         if not state:
             continue
         xadds = [argv for argv in argvs if argv[0].upper() == "XADD"]
         assert len(xadds) == 1 and xadds[0][1] == STREAM, f"state written without its audit record: {argvs}"
-        assert ["SET", "ll:audit:head"] in [[a[0].upper(), a[1]] for a in argvs], argvs
+        assert ["SET", "{ll}:audit:head"] in [[a[0].upper(), a[1]] for a in argvs], argvs
         state_units += 1
     assert state_units == int(license_server.redis().xlen(STREAM)) >= 15
 
 
+@pytest.mark.single_redis  # reads one server's AOF
 def test_a_torn_aof_tail_drops_state_and_record_together(license_server, redis_server, tmp_path):
     """Simulate a crash at every command boundary inside the last issuance's transaction."""
     m, model_id, _, _ = world(license_server)
@@ -199,7 +202,7 @@ def test_a_torn_aof_tail_drops_state_and_record_together(license_server, redis_s
     files = _aof_files(redis_server.dir)
     data = files[-1].read_bytes()
     unit = next(u for u in reversed(_units(_commands(data)))
-                if any(argv[:2] == ["HSET", f"ll:license:{lid}"] for _, _, argv in u))
+                if any(argv[:2] == ["HSET", f"{P}license:{lid}"] for _, _, argv in u))
     cuts = [end for _, end, _ in unit[:-1]] + [unit[-1][1] - 1, unit[-1][1]]  # inside, and right after EXEC
     for i, cut in enumerate(cuts):
         copy = tmp_path / f"crash{i}"
@@ -209,14 +212,14 @@ def test_a_torn_aof_tail_drops_state_and_record_together(license_server, redis_s
         rs.start()
         try:
             r = rs.client()
-            has_state = r.exists(f"ll:license:{lid}") == 1
+            has_state = r.exists(f"{P}license:{lid}") == 1
             records = [e for _, e in r.xrevrange(STREAM, count=5) if f'"license":"{lid}"' in e["rec"]]
             complete = cut == unit[-1][1]
             assert has_state == bool(records) == complete, (i, cut, has_state, records)
-            assert r.sismember(f"ll:lic:{m.code}:{model_id}", lid) == complete
+            assert r.sismember(f"{P}lic:{m.code}:{model_id}", lid) == complete
             # and the survivor's chain is whole: the head is the last surviving record's hash
             last = r.xrevrange(STREAM, count=1)[0][1]
-            assert r.get("ll:audit:head") == last["h"]
+            assert r.get("{ll}:audit:head") == last["h"]
         finally:
             rs.kill()
     redis_server.start()
@@ -260,7 +263,7 @@ def test_concurrent_mutations_from_many_threads_keep_one_unbroken_chain(server):
     assert doc["ok"] is True, doc
     for life_ in lives:
         assert life_["granted"] == 3
-        assert r.hget(f"ll:license:{life_['license']}", "activations") == "3"
+        assert r.hget(f"{P}license:{life_['license']}", "activations") == "3"
 
 
 # --- the store's optimistic retries, deterministically ---------------------------------------------
@@ -343,6 +346,6 @@ def test_secret_looking_fields_never_reach_an_audit_record(redis_server):
     for field in ("token", "wk", "api_key", "key", "sealed_key", "data_key", "sig", "claim_secret"):
         with pytest.raises(SecretInRecord):
             commits.append("x", **{field: "v"})
-    assert r.xlen(STREAM) == 0 and r.get("ll:audit:head") is None
+    assert r.xlen(STREAM) == 0 and r.get("{ll}:audit:head") is None
     commits.append("x", machine="M")
     assert r.xlen(STREAM) == 1

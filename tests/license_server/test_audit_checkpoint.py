@@ -29,7 +29,7 @@ from layerlock.license_server.cli import main
 from layerlock.license_server.store import dumps
 from tests.conftest import CLI, PYTHON, REPO, LicenseServer, _env
 
-STREAM, HEAD, STORED = "ll:audit", "ll:audit:head", "ll:audit:checkpoints"
+STREAM, HEAD, STORED = "{ll}:audit", "{ll}:audit:head", "{ll}:audit:checkpoints"
 GENESIS = "0" * 64
 Rec = tuple[str, dict[str, Any]]
 

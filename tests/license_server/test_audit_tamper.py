@@ -25,7 +25,7 @@ from ls_helpers import add_model, issue, world
 
 from layerlock.license_server.store import dumps
 
-STREAM, HEAD = "ll:audit", "ll:audit:head"
+STREAM, HEAD = "{ll}:audit", "{ll}:audit:head"
 ALTERED = "record was altered"
 PREV = "prev does not match the hash of the previous record"
 

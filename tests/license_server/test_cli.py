@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from ls_helpers import activate, add_model, new_machine, world
 
 from layerlock.license_server.cli import main
+from layerlock.license_server.store import P
 from layerlock.shared.keys import b64u_decode, x25519_public
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed, seal_for_server
@@ -90,11 +91,11 @@ def test_rest_commands_end_to_end(server, tmp_path):
 def test_audit_verify_finds_the_first_break(license_server):
     world(license_server)
     r = license_server.redis()
-    ids = [sid for sid, _ in r.xrange("ll:audit")]
+    ids = [sid for sid, _ in r.xrange("{ll}:audit")]
     assert len(ids) >= 4
     res = cli(license_server, "audit", "verify", "--json")
     assert res.exit_code == 0 and json.loads(res.output)["ok"] is True
-    r.xdel("ll:audit", ids[2])
+    r.xdel("{ll}:audit", ids[2])
     doc = license_server.api("GET", "/v1/audit/verify").json()
     assert doc == {"ok": False, "checked": 2, "break_at": ids[3],
                    "reason": "prev does not match the hash of the previous record"}
@@ -116,7 +117,7 @@ def test_signing_rotation_keeps_old_tokens_verifiable_and_kek_rotation_keeps_key
     assert res.exit_code == 0, res.output
     rot = json.loads(res.output)
     assert rot["rewrapped"] >= 1
-    assert license_server.redis().hget(f"ll:model:{model_id}", "kek_id") == rot["kek_id"]
+    assert license_server.redis().hget(f"{P}model:{model_id}", "kek_id") == rot["kek_id"]
     time.sleep(1.1)
     token = activate(license_server, m, model_id).json()["token"]
     import jwt
@@ -126,7 +127,7 @@ def test_signing_rotation_keeps_old_tokens_verifiable_and_kek_rotation_keeps_key
     assert open_sealed(claims.wrapped_key, MachineKemKeys(m.kx).private_for(claims.suite), claims.suite,
                        binding_info(claims.lic, m.code, model_id)) == data_key
     new_model, _ = add_model(license_server)  # models registered after rotation use the new KEK
-    assert license_server.redis().hget(f"ll:model:{new_model}", "kek_id") == rot["kek_id"]
+    assert license_server.redis().hget(f"{P}model:{new_model}", "kek_id") == rot["kek_id"]
 
 
 def _procs_mentioning(text: str) -> list[int]:

@@ -97,11 +97,11 @@ def new_key(server: Any, role: str) -> dict[str, Any]:
 
 
 def audit_len(server: Any) -> int:
-    return int(server.redis().xlen("ll:audit"))
+    return int(server.redis().xlen("{ll}:audit"))
 
 
 def last_record(server: Any) -> dict[str, Any]:
-    (_, entry), = server.redis().xrevrange("ll:audit", count=1)
+    (_, entry), = server.redis().xrevrange("{ll}:audit", count=1)
     return json.loads(entry["rec"])  # type: ignore[no-any-return]
 
 
@@ -376,7 +376,7 @@ def test_a_new_api_key_is_shown_once_and_never_stored_or_rendered_again(server):
     assert created["type"] == "apikey_created" and created["actor"].startswith("key_bootstrap_")
     assert secret not in c.get("/console/keys").text
     r = server.redis()
-    for k in r.scan_iter("ll:*", count=1000):
+    for k in r.scan_iter("{ll}:*", count=1000):
         kind = r.type(k)
         dump = json.dumps(r.hgetall(k) if kind == "hash" else r.xrange(k) if kind == "stream" else
                           r.get(k) if kind == "string" else "")
@@ -390,7 +390,7 @@ def test_a_new_api_key_is_shown_once_and_never_stored_or_rendered_again(server):
 def test_dashboard_counts_chart_chain_and_checkpoint(server):
     c = console(server)
     text = c.get("/console/").text
-    machines = server.redis().zcard("ll:machines")
+    machines = server.redis().zcard("{ll}:machines")
     assert re.search(rf'<span class="card-label">Machines</span><span class="card-value">{machines}</span>', text)
     assert '<svg class="chart"' in text and "Chain intact" in text
     c.post("/console/audit/checkpoint", {})
@@ -408,7 +408,7 @@ def test_audit_page_filters_paginates_and_links_each_record_to_its_predecessor(s
     for _ in range(50):  # more than one page
         issue(server, m, model_id)
     c = console(server)
-    stored = {sid: e["h"] for sid, e in server.redis().xrevrange("ll:audit", count=500)}
+    stored = {sid: e["h"] for sid, e in server.redis().xrevrange("{ll}:audit", count=500)}
     first = c.get("/console/audit").text
     rows = re.findall(r'<li class="rec" id="h-([0-9a-f]{64})">.*?#([0-9]+-[0-9]+)</span>', first, re.S)
     assert len(rows) == first.count('<li class="rec"') == 50

@@ -24,6 +24,8 @@ from ha_topology import Load, audit_after, failover_figures, ha_stack
 
 from tests.conftest import wait_for
 
+pytestmark = pytest.mark.single_redis  # a topology of its own
+
 WRITES = ("activate", "issue", "revoke")
 
 

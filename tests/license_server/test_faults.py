@@ -18,6 +18,7 @@ import redis
 import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
+from layerlock.license_server.store import P
 from tests.conftest import CLI, PYTHON, REPO, LicenseServer, _env
 
 
@@ -63,7 +64,7 @@ def test_acknowledged_licenses_survive_a_redis_process_crash(license_server, red
     redis_server.start()
     r = redis_server.client()
     for lid in issued:
-        assert r.hget(f"ll:license:{lid}", "machine") == m.code
+        assert r.hget(f"{P}license:{lid}", "machine") == m.code
     deadline = time.monotonic() + 10
     while license_server.api("GET", "/readyz", key="").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -15,7 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from ls_helpers import new_machine
 
+from layerlock.license_server.store import P
 from tests.conftest import LicenseServer, free_port
+
+pytestmark = pytest.mark.single_redis  # a topology of its own
 
 
 def _self_signed(tmp_path):
@@ -59,7 +62,7 @@ def test_server_runs_against_redis_over_tls(tmp_path):
         srv.start()
         m = new_machine()
         assert srv.api("POST", "/v1/machines", {"machine": m.code}).status_code == 201
-        assert client.exists(f"ll:machine:{m.code}")
+        assert client.exists(f"{P}machine:{m.code}")
     finally:
         if srv is not None:
             srv.stop()

@@ -25,6 +25,8 @@ from layerlock.license_server.store.audit import HEAD, STREAM
 from layerlock.shared.errors import ConfigError
 from tests.conftest import LicenseServer, RedisServer, free_port, wait_for
 
+pytestmark = pytest.mark.single_redis  # a topology of its own
+
 
 def _replica_of(primary: RedisServer, directory: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
     directory.mkdir()

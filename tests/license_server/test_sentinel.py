@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
 import redis
 from ls_helpers import new_machine
 
+from layerlock.license_server.store import P
 from tests.conftest import LicenseServer, free_port
+
+pytestmark = pytest.mark.single_redis  # a topology of its own
 
 
 def test_server_runs_against_redis_via_sentinel(tmp_path, redis_server):
@@ -31,7 +35,7 @@ def test_server_runs_against_redis_via_sentinel(tmp_path, redis_server):
         srv.start()
         m = new_machine()
         assert srv.api("POST", "/v1/machines", {"machine": m.code}).status_code == 201
-        assert redis_server.client().exists(f"ll:machine:{m.code}")
+        assert redis_server.client().exists(f"{P}machine:{m.code}")
     finally:
         if srv is not None:
             srv.stop()

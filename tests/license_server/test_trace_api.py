@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from ls_helpers import activate, issue, new_machine, register, snapshot
 
+from layerlock.license_server.store import P
 from layerlock.shared.fingerprint import Secret, chips, extract, license_values
 from layerlock.shared.keys import b64u_decode, x25519_public
 from layerlock.shared.lockfile import protect
@@ -161,12 +162,12 @@ def test_model_registration_has_its_own_body_cap(server):
 def test_kek_rotation_reseals_the_fingerprint_secret(server, fingerprinted):
     model_id, secret, _ = fingerprinted
     r = server.redis()
-    before = r.get(f"ll:model:{model_id}:fp")
-    assert before and r.hget(f"ll:model:{model_id}", "fp_positions") == str(secret.n)
+    before = r.get(f"{P}model:{model_id}:fp")
+    assert before and r.hget(f"{P}model:{model_id}", "fp_positions") == str(secret.n)
     rot = server.api("POST", "/v1/keys/rotate-kek")
     assert rot.status_code == 200, rot.text
-    after = r.get(f"ll:model:{model_id}:fp")
-    assert after != before and r.hget(f"ll:model:{model_id}", "kek_id") == rot.json()["kek_id"]
+    after = r.get(f"{P}model:{model_id}:fp")
+    assert after != before and r.hget(f"{P}model:{model_id}", "kek_id") == rot.json()["kek_id"]
     m = new_machine()
     register(server, m)
     lic = issue(server, m, model_id)["license_id"]

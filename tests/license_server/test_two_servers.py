@@ -20,7 +20,7 @@ import requests
 from ls_helpers import activate, add_model, issue, new_machine, register
 
 from layerlock.shared.tokens import parse_jwks, verify_token
-from tests.conftest import LicenseServer, RedisServer, free_port
+from tests.conftest import LicenseServer, free_port, make_redis
 
 
 def _replica(first: LicenseServer, data_dir: Path) -> LicenseServer:
@@ -38,7 +38,7 @@ def _replica(first: LicenseServer, data_dir: Path) -> LicenseServer:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LicenseServer, LicenseServer]]:
     base = tmp_path_factory.mktemp("two")
-    rs = RedisServer(base / "redis")
+    rs = make_redis(base / "redis")
     rs.start()
     a = LicenseServer(base / "a", rs.url)
     b = _replica(a, base / "b")

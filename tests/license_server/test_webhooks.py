@@ -21,7 +21,7 @@ from layerlock.license_server.keystore import KeyStore
 from layerlock.license_server.redis_conn import connect
 from layerlock.license_server.store import webhooks as store
 from layerlock.license_server.webhooks import Worker, signature, verify
-from tests.conftest import LicenseServer, RedisServer, wait_for
+from tests.conftest import LicenseServer, make_redis, wait_for
 
 FAST = {"LAYERLOCK_BACKGROUND_INTERVAL": "0.2", "LAYERLOCK_WEBHOOK_BACKOFF": "0.3",
         "LAYERLOCK_WEBHOOK_BACKOFF_MAX": "1", "LAYERLOCK_WEBHOOK_TIMEOUT": "1"}
@@ -77,7 +77,7 @@ class Receiver:
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory):
     base = tmp_path_factory.mktemp("webhooks")
-    rs = RedisServer(base / "redis")
+    rs = make_redis(base / "redis")
     rs.start()
     ls = LicenseServer(base / "server", rs.url, env=FAST)
     try:
