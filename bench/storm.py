@@ -236,7 +236,7 @@ def main() -> None:
         env = {"LAYERLOCK_TRUST_PROXY": "1", "LAYERLOCK_LOG_LEVEL": "WARNING", "LAYERLOCK_BACKGROUND": "false"}
         if args.shed_ms is not None:
             env["LAYERLOCK_SHED_QUEUE_MS"] = str(args.shed_ms)
-        first = LicenseServer(base / "server-a", rs.url, workers=args.workers, env=env)
+        first = LicenseServer(base / "server-a", rs.url, workers=args.workers, env=env, shed_queue_ms=None)
         servers = [first, replica_server(first, base / "server-b")]
         for s in servers:
             s.start()

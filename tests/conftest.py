@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,30 @@ WSGI_APP = "layerlock.license_server.wsgi:app"
 PYTHON = sys.executable
 
 
+#: Ports :func:`free_port` handed out: a port drawn for one server but not bound yet is free again
+#: for the OS, so without this a cluster's six ports could include the same one twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add(port)
+    return port
+
+
+def fresh_minute(need: float = 20) -> None:
+    """Sleep into the next wall-clock minute unless ``need`` seconds are left in this one.
+
+    The server's rate budgets are fixed one-minute windows (``int(time.time() // 60)``): a test
+    that spends a budget and then counts must run inside one of them.  An hour ends with a
+    minute, so this also keeps the hourly rejection counts (``{ll}:rejects:<YYYYMMDDHH>``) in one."""
+    if time.time() % 60 > 60 - need:
+        time.sleep(60 - time.time() % 60 + 0.05)
 
 
 def wait_for(pred: Any, timeout: float = 20.0, step: float = 0.05) -> bool:
@@ -232,17 +254,22 @@ class LicenseServer:
     (``key`` defaults to the admin key; pass ``key=""`` for no Authorization header),
     ``stop()`` / ``start()`` (same port and data dir), ``redis()`` (a client on its Redis).
     Settings: ``min_lifetime`` is 2 s, so licenses may use ``token_ttl``/``offline_grace`` of a
-    few seconds to test renewal and expiry; other ``LAYERLOCK_*`` settings via ``env``.
+    few seconds to test renewal and expiry; load shedding is off (``shed_queue_ms``; None: the
+    server's default); other ``LAYERLOCK_*`` settings via ``env``.
     """
 
     def __init__(self, data_dir: Path, redis_url: str, *, workers: int = 2,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, shed_queue_ms: int | None = 0) -> None:
         self.data_dir = data_dir
         self.redis_url = redis_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
-        self.extra_env = {"LAYERLOCK_MIN_LIFETIME": "2", **(env or {})}
+        # Shedding off by default: a test's burst (50 activations at once) on a loaded CI box may
+        # wait over shed_queue_ms and be answered 503 overloaded; test_shedding.py sets its own,
+        # benchmarks pass None (the server's default) or their own.
+        shed = {} if shed_queue_ms is None else {"LAYERLOCK_SHED_QUEUE_MS": str(shed_queue_ms)}
+        self.extra_env = {"LAYERLOCK_MIN_LIFETIME": "2", **shed, **(env or {})}
         self.log = data_dir.parent / f"{data_dir.name}-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         out = subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(data_dir), "--json"],
@@ -294,6 +321,19 @@ class LicenseServer:
 
     def redis(self) -> Any:
         return redis_client(self.redis_url)
+
+
+@contextmanager
+def serving(redis_srv: RedisServer | RedisClusterServer, data_dir: Path, **kw: Any) -> Iterator[LicenseServer]:
+    """Start ``redis_srv`` and a :class:`LicenseServer` on it; stop both afterwards (module fixtures)."""
+    redis_srv.start()
+    server = LicenseServer(data_dir, redis_srv.url, **kw)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        redis_srv.kill()
 
 
 @pytest.fixture(scope="session")

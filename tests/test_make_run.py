@@ -81,8 +81,9 @@ def test_make_run_end_to_end_and_clean_stop(tmp_path):
         unlocked, original, locked = (float(match[k]) for k in ("unlocked", "original", "locked"))
         assert original > 0.9
         # the license's fingerprinted copy: equal but for its fingerprint, which moves a few of the
-        # 450 test digits at most (README, Trace a leak: worst license over 40 in bench/trace.py)
-        assert abs(unlocked - original) <= 3 / 450 + 1e-9
+        # 450 test digits at most (README, Trace a leak: 2-3 for the worst of 64 licenses in
+        # bench/trace.py, two runs); a fresh license each run, so 5 leaves room for the tail
+        assert abs(unlocked - original) <= 5 / 450 + 1e-9
         low, high = readme_locked_range()
         assert low <= locked <= high, f"locked_file={locked}; README says {low}–{high}"  # chance is 0.10
         assert wait_for(re.compile("Ctrl-C stops everything"), deadline), "".join(output[-20:])

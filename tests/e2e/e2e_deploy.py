@@ -40,8 +40,10 @@ class Deployment:
         return str(resp.json()["license_id"])
 
 
-def deploy(license_server, tmp_path: Path, *, token_ttl: int = 3, offline_grace: int = 3,
+def deploy(license_server, tmp_path: Path, *, token_ttl: int = 3, offline_grace: int = 10,
            allowed_uids: list[int] | None = None, onnx: bool = False) -> Deployment:
+    """Renewals every 2 s (``token_ttl`` 3); 10 s of ``offline_grace`` so that one slow renewal on a
+    loaded box does not let the token expire."""
     root = tmp_path / "site"
     root.mkdir()
     if onnx:

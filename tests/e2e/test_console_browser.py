@@ -28,7 +28,11 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
@@ -69,7 +73,7 @@ def seed_history(r: Any, machines: list[Machine], model: str, hours: int = 24) -
                 "ip": f"10.0.{rng.randint(0, 3)}.{rng.randint(2, 250)}", **fields, "prev": prev}
         canonical = _dumps(body)
         prev = hashlib.sha256(canonical.encode()).hexdigest()
-        r.xadd("{ll}:audit", {"rec": canonical, "h": prev}, id=f"{int(t * 1000)}-0")
+        r.xadd("{ll}:audit", {"rec": canonical, "h": prev}, id=f"{int(t * 1000)}-{n}")  # two in one ms: n grows
         n += 1
     r.set("{ll}:audit:head", prev)
     return n
@@ -137,6 +141,20 @@ def sign_in(d: webdriver.Chrome, url: str, key: str) -> None:
     d.find_element(By.ID, "api_key").send_keys(key)
     d.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
     assert wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".who-name"), 10), d.page_source[:500]
+    loaded(d)
+
+
+def loaded(d: webdriver.Chrome) -> None:
+    """Wait for the page's deferred console.js to have run (the Revoke button's confirm handler)."""
+    assert wait_for(lambda: d.execute_script("return document.readyState") == "complete", 10)
+
+
+def heading(d: webdriver.Chrome) -> str:
+    """The page's ``h1``, or "" while a navigation replaces the page."""
+    try:
+        return d.find_element(By.TAG_NAME, "h1").text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
 
 
 def flash_after_submit(d: webdriver.Chrome, expected: str) -> None:
@@ -152,6 +170,7 @@ def flash_after_submit(d: webdriver.Chrome, expected: str) -> None:
             return []
 
     assert wait_for(lambda: any("flash-ok" in f and expected in f for f in seen()), 10), seen()
+    loaded(d)
 
 
 def csp_errors(d: webdriver.Chrome) -> list[str]:
@@ -240,7 +259,7 @@ def test_auditor_sees_no_write_controls_and_a_forged_post_is_refused(stack, brow
           const i = document.createElement("input"); i.type = "hidden"; i.name = k; i.value = v; f.appendChild(i);
         }
         document.body.appendChild(f); f.submit();""", f"/console/licenses/{lic['license_id']}/revoke")
-    assert wait_for(lambda: "Not allowed" in d.find_element(By.TAG_NAME, "h1").text, 10)
+    assert wait_for(lambda: "Not allowed" in heading(d), 10)
     assert "role auditor may not do this" in d.find_element(By.TAG_NAME, "main").text
     assert stack.redis().xlen("{ll}:audit") == before
     assert stack.api("GET", f"/v1/licenses/{lic['license_id']}").json()["status"] == "active"

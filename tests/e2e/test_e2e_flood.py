@@ -14,7 +14,7 @@ import requests
 from e2e_deploy import deploy
 from e2e_helpers import MODEL_ID, Sidecar, cleanup, run_client
 
-from tests.conftest import LicenseServer
+from tests.conftest import LicenseServer, fresh_minute
 from tests.license_server.ls_helpers import new_machine
 
 
@@ -70,8 +70,7 @@ def test_transient_denial_unlocks_from_the_cached_token(tmp_path, redis_server):
     srv.start()
     dep = deploy(srv, tmp_path, token_ttl=60, offline_grace=60)
     try:
-        if time.time() % 60 > 40:  # keep the three starts inside one rate-limit minute
-            time.sleep(60.5 - time.time() % 60)
+        fresh_minute(45)  # keep the three starts (each a sidecar process) inside one rate-limit minute
         dep.sidecar.start()  # activation 1 of 2
         want = hashlib.sha256(dep.original.read_bytes()).hexdigest()
         dep.sidecar.stop()

@@ -368,7 +368,7 @@ def ha_stack(base: Path, *, fleet: int = 12, workers: int = 2, replicas: int = 1
         settings = {"LAYERLOCK_REDIS_WAIT_REPLICAS": "1", "LAYERLOCK_TRUST_PROXY": "1",
                     "LAYERLOCK_RATE_MACHINE_PER_MIN": "100000", "LAYERLOCK_RATE_UNAUTH_PER_MIN": "100000",
                     "LAYERLOCK_LOG_LEVEL": "WARNING", **(env or {})}
-        first = LicenseServer(base / "server-a", group.url, workers=workers, env=settings)
+        first = LicenseServer(base / "server-a", group.url, workers=workers, env=settings, shed_queue_ms=None)
         servers = [first, replica_server(first, base / "server-b")]
         for s in servers:
             s.start()

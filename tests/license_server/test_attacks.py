@@ -13,7 +13,7 @@ from layerlock.license_server.store import P
 from layerlock.license_server.store.audit import STREAM
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed
-from tests.conftest import LicenseServer
+from tests.conftest import LicenseServer, fresh_minute
 from tests.license_server.ls_helpers import Machine, activate, add_model, issue, new_machine, register
 
 
@@ -177,6 +177,7 @@ def test_keyless_flood_neither_locks_the_machine_out_nor_grows_the_audit_trail(t
     outsider = _outsider_for(m)
     stranger = new_machine()  # an unregistered code
     codes = []
+    fresh_minute(40)  # budgets per minute, rejections per hour: the flood and its counts in one window
     with requests.Session() as s:
         for i in range(150):  # 7x the per-minute budget of both counters
             who = outsider if i % 2 else stranger
@@ -207,6 +208,7 @@ def test_signed_requests_over_the_machine_budget_are_refused_not_audited(tight_s
     model_id, _ = add_model(srv)
     issue(srv, m, model_id)
     audit_len = srv.redis().xlen(STREAM)
+    fresh_minute()  # the machine's budget is per minute: all 30 in one
     outcomes = [activate(srv, m, model_id).status_code for _ in range(30)]
     assert outcomes[:20] == [200] * 20 and set(outcomes[20:]) == {429}
     assert srv.redis().xlen(STREAM) == audit_len + 20

@@ -19,7 +19,7 @@ import redis
 from layerlock.license_server.redis_conn import connect
 from layerlock.license_server.store import P
 from layerlock.shared.errors import ConfigError
-from tests.conftest import LicenseServer, RedisClusterServer, RedisServer, wait_for
+from tests.conftest import LicenseServer, RedisClusterServer, RedisServer, serving, wait_for
 from tests.license_server.ls_helpers import activate, add_model, issue, new_machine, register
 from tests.license_server.test_console import console
 
@@ -54,14 +54,8 @@ def test_a_bad_cluster_url_is_refused_with_the_reason(url: str, message: str) ->
 def on_cluster(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("cluster")
     rc = RedisClusterServer(base / "redis")
-    rc.start()
-    ls = LicenseServer(base / "server", rc.url)
-    try:
-        ls.start()
+    with serving(rc, base / "server") as ls:
         yield rc, ls
-    finally:
-        ls.stop()
-        rc.kill()
 
 
 def test_the_whole_ledger_lives_in_one_slot_and_verifies(on_cluster) -> None:
@@ -155,9 +149,9 @@ def test_an_old_ll_database_moves_to_the_new_layout_once(tmp_path: Path) -> None
 
         ls.stop()  # an old server writing beside a new one: refused, nothing renamed
         r.set("ll:machine:stray", "x")
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(RuntimeError, match="license server exited"):
             ls.start(timeout=15)
-        assert "keys under both the old prefix 'll:' and the new '{ll}:'" in str(err.value)
+        assert "keys under both the old prefix 'll:' and the new '{ll}:'" in ls.log.read_text()
         assert r.exists("ll:machine:stray") and r.exists(P + "audit:head")
     finally:
         ls.stop()

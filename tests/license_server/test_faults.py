@@ -19,7 +19,7 @@ import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
 from layerlock.license_server.store import P
-from tests.conftest import CLI, PYTHON, REPO, LicenseServer, _env
+from tests.conftest import CLI, PYTHON, REPO, LicenseServer, _env, fresh_minute
 
 
 def test_redis_outage_is_503_with_retry_after_and_recovers_without_restart(license_server, redis_server):
@@ -156,6 +156,7 @@ def _race(license_server):
 def test_rate_limit_per_machine(tmp_path, redis_server):
     with own_server(tmp_path, redis_server, LAYERLOCK_RATE_MACHINE_PER_MIN="3") as srv:
         m, model_id, _, _ = world(srv)
+        fresh_minute()  # the budget is per minute: all six activations in one
         codes = [activate(srv, m, model_id).status_code for _ in range(5)]
         assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
         assert activate(srv, m, model_id).json()["error"] == "rate_limited"

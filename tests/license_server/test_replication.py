@@ -50,10 +50,11 @@ def _replica_of(primary: RedisServer, directory: Path) -> tuple[subprocess.Popen
 
 @pytest.fixture
 def waiting_server(tmp_path, redis_server):
-    """A server that waits for one replica (none connected yet), 300 ms at most per write."""
+    """A server that waits for one replica (none connected yet), 1 s at most per write (below
+    redis_timeout, 1.5 s, as the config requires)."""
     redis_server.client().config_set("repl-diskless-sync-delay", "0")
     srv = LicenseServer(tmp_path / "server", redis_server.url,
-                        env={"LAYERLOCK_REDIS_WAIT_REPLICAS": "1", "LAYERLOCK_REDIS_WAIT_TIMEOUT_MS": "300"})
+                        env={"LAYERLOCK_REDIS_WAIT_REPLICAS": "1", "LAYERLOCK_REDIS_WAIT_TIMEOUT_MS": "1000"})
     srv.start()
     try:
         yield srv

@@ -126,7 +126,7 @@ def test_a_floating_lease_caps_the_token_revives_within_its_window_and_is_then_c
     model, _ = add_model(fast)
     customer = _customer()
     a, b = _fleet(fast, customer, 2)
-    lic = _pool(fast, customer, model, 1, kind="floating", lease_ttl=2, revive_ttl=2, token_ttl=2,
+    lic = _pool(fast, customer, model, 1, kind="floating", lease_ttl=2, revive_ttl=6, token_ttl=2,
                 offline_grace=3600)
     doc = activate(fast, a, model).json()
     assert doc["expires_at"] - time.time() <= 2.5  # the token never outlives the lease (not the hour of grace)
@@ -135,7 +135,7 @@ def test_a_floating_lease_caps_the_token_revives_within_its_window_and_is_then_c
     assert activate(fast, a, model).status_code == 200  # ... and a revives it
     # a goes silent: after lease + revive the worker culls the lease, audited, and b gets the seat
     assert wait_for(lambda: fast.api("GET", "/v1/audit", params={"type": "lease_culled", "license": lic["license_id"]})
-                    .json()["items"], timeout=10)
+                    .json()["items"], timeout=20)
     culled = fast.api("GET", "/v1/audit", params={"type": "lease_culled", "license": lic["license_id"]}).json()
     assert [(x["machine"], x["actor"]) for x in culled["items"]] == [(a.code, "system")]
     assert activate(fast, b, model).status_code == 200

@@ -53,7 +53,7 @@ def test_queued_requests_are_shed_with_retry_after_and_change_nothing(one_thread
     held_machine = new_machine()
     body = json.dumps({"enrollment": held_machine.enrollment}).encode()
     sock = _hold_the_thread(one_thread, body)
-    time.sleep(0.3)  # the thread has taken it and is reading its body
+    time.sleep(2.0)  # the thread has taken it and is reading its body
 
     queued = [new_machine() for _ in range(6)]
     started = threading.Event()
@@ -68,7 +68,7 @@ def test_queued_requests_are_shed_with_retry_after_and_change_nothing(one_thread
         client = ServerClient(one_thread.url, timeout=30)
         activation = pool.submit(client.activate, queued[0].code, "some-model", SimpleNamespace(sign=queued[0].sk))
         started.wait(5)
-        time.sleep(0.5)  # they are all queued behind the held request now
+        time.sleep(2.0)  # they are all queued behind the held request now
         sock.sendall(body[len(body) // 2:])
         held = sock.recv(65536)
         sock.close()
