@@ -7,12 +7,15 @@ server serves again within seconds of Redis coming back, without a restart.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs, urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -31,9 +34,41 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, r
 CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
 
 
+class DeferredCluster:
+    """A cluster client made on first use, for a server started while no node is reachable.
+
+    A ``RedisCluster`` learns the slot layout in its constructor, so with every node down it
+    cannot be built at all, and the server would not boot.  Until the cluster answers, every use
+    raises ``RedisClusterException`` (503 + ``Retry-After``, like any outage); scripts registered
+    meanwhile are bound to this object and run on the real client once there is one.
+    """
+
+    def __init__(self, make: Callable[[], RedisCluster]) -> None:
+        self._make = make
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    def client(self) -> RedisCluster:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make()
+        return self._client
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script)  # type: ignore[arg-type]  # duck-typed: evalsha/script_load below
+
+    def get_encoder(self) -> Any:
+        """What ``Script`` hashes the text with: a cluster client's (utf-8), from an unconnected client."""
+        return redis.Redis(decode_responses=True).get_encoder()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client(), name)
+
+
 def is_cluster(r: RedisClient) -> bool:
     """Whether ``r`` talks to a Redis Cluster (where a script sees one hash slot only)."""
-    return isinstance(r, RedisCluster)
+    return isinstance(r, (RedisCluster, DeferredCluster))
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
@@ -59,8 +94,15 @@ def _cluster(url: str, opts: dict[str, Any]) -> RedisClient:
     if query and not tls:
         raise ConfigError("ssl_* options need a rediss+cluster:// URL")
     nodes = [ClusterNode(host, port) for host, port in _hosts(parsed.netloc, 6379)]  # type: ignore[no-untyped-call]
-    return RedisCluster(startup_nodes=nodes, username=parsed.username, password=parsed.password,
-                        ssl=tls, **({**opts, **query}))
+
+    def make() -> RedisCluster:
+        return RedisCluster(startup_nodes=nodes, username=parsed.username, password=parsed.password,
+                            ssl=tls, **({**opts, **query}))
+
+    try:
+        return make()
+    except (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError):
+        return DeferredCluster(make)
 
 
 def connect(url: str, timeout: float) -> RedisClient:

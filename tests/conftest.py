@@ -278,7 +278,8 @@ class LicenseServer:
         self.admin_key: str = doc["admin_api_key"]
         self.intake_pub: str = doc["intake_pub"]
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, ready: int = 200) -> None:
+        """Start gunicorn; return once ``/readyz`` answers ``ready`` (503: started while Redis is down)."""
         env = _env(LAYERLOCK_DATA_DIR=str(self.data_dir), LAYERLOCK_REDIS_URL=self.redis_url,
                    LAYERLOCK_BIND=f"127.0.0.1:{self.port}", LAYERLOCK_WORKERS=str(self.workers),
                    **self.extra_env)
@@ -291,7 +292,7 @@ class LicenseServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"license server exited: {self.log.read_text()[-2000:]}")
             try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == ready:
                     return
             except requests.RequestException:
                 pass

@@ -121,6 +121,26 @@ def test_wait_confirms_on_the_ledger_primary_and_a_cluster_failover_loses_nothin
         rc.kill()
 
 
+def test_a_server_started_while_the_cluster_is_down_serves_once_it_is_up(tmp_path: Path) -> None:
+    rc = RedisClusterServer(tmp_path / "redis")  # ports chosen, nothing started
+    ls = LicenseServer(tmp_path / "server", rc.url)
+    try:
+        ls.start(ready=503)  # boots (the cluster client is made on first use) and says it is not ready
+        down = ls.api("GET", "/v1/machines")
+        assert down.status_code == 503 and down.json()["error"] == "unavailable" and "Retry-After" in down.headers
+        rc.start()
+        assert wait_for(lambda: ls.api("GET", "/readyz", key="").status_code == 200, 30)
+        m = new_machine()
+        register(ls, m)  # the bootstrap admin key reached Redis on the way, and the scripts run
+        model_id, _ = add_model(ls)
+        issue(ls, m, model_id)
+        assert activate(ls, m, model_id).status_code == 200
+        assert ls.api("GET", "/v1/audit/verify").json()["ok"] is True
+    finally:
+        ls.stop()
+        rc.kill()
+
+
 def test_an_old_ll_database_moves_to_the_new_layout_once(tmp_path: Path) -> None:
     rs = RedisServer(tmp_path / "redis")
     rs.start()
