@@ -19,12 +19,13 @@ Two kinds of retry, each with a named limit:
 
 Running out of either is a :class:`~layerlock.shared.errors.Conflict` the caller may retry.
 
-**Replication** (``redis_wait_replicas`` > 0, a Sentinel-managed primary with replicas): Redis
-replicates asynchronously, so a change the primary applied can die with it in a failover.  A
-commit is therefore sent together with ``WAIT n timeout`` on the same connection (one pipelined
-round trip) and acknowledged only when ``n`` replicas hold it; otherwise it raises
-:class:`~layerlock.shared.errors.NotReplicated` (503 ``not_replicated`` + ``Retry-After``), which
-means *applied on the primary, not confirmed* — never "not done" (see the error's docstring).
+**Replication** (``redis_wait_replicas`` > 0, a Sentinel-managed primary with replicas, or the
+cluster primary that serves the ledger's ``{ll}`` slot): Redis replicates asynchronously, so a
+change the primary applied can die with it in a failover. A commit is therefore sent together with
+``WAIT n timeout`` on the same connection (one pipelined round trip) and acknowledged only when
+``n`` replicas hold it; otherwise it raises :class:`~layerlock.shared.errors.NotReplicated` (503
+``not_replicated`` + ``Retry-After``), which means *applied on the primary, not confirmed* — never
+"not done" (see the error's docstring).
 Every state change goes through :meth:`Commits.commit`, so licenses, machines, claims, keys,
 models, webhooks, nonces, seats and the audit chain all get it, and the webhook outbox with them
 (the script queues the event).  Writes outside the commit are left unconfirmed on purpose:
@@ -234,7 +235,8 @@ class Commits:
             if status == 1:
                 self._confirmed(acked)
             return status, value
-        raise NotReplicated("the commit script could not be loaded on the primary; retry shortly")
+        raise NotReplicated("the commit could not run on the primary (its script was not loaded, or a failover "
+                            "is moving the ledger's slot): nothing was written; retry shortly")
 
     def _primary(self) -> RedisClient:
         """The client whose connection both the commit and its ``WAIT`` go over.  On a cluster,
