@@ -56,7 +56,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "license_server")]
 import jwt  # noqa: E402
 import requests  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519  # noqa: E402
-from ha_topology import nginx_in_front_of, replica_server  # noqa: E402
+from test_deploy import nginx_in_front  # noqa: E402
 
 from layerlock.license_server.store import licenses, machines  # noqa: E402
 from layerlock.shared.activation import make_request  # noqa: E402
@@ -237,7 +237,7 @@ def main() -> None:
         if args.shed_ms is not None:
             env["LAYERLOCK_SHED_QUEUE_MS"] = str(args.shed_ms)
         first = LicenseServer(base / "server-a", rs.url, workers=args.workers, env=env, shed_queue_ms=None)
-        servers = [first, replica_server(first, base / "server-b")]
+        servers = [first, first.replica(base / "server-b")]
         for s in servers:
             s.start()
         sealed = seal_for_server(os.urandom(32), x25519_public(b64u_decode(first.intake_pub)), MODEL)
@@ -256,7 +256,7 @@ def main() -> None:
         (base / "nginx").mkdir()
         log = base / "nginx" / "access.log"
         plain = free_port()
-        with nginx_in_front_of(base / "nginx", [s.port for s in servers], access_log=str(log),
+        with nginx_in_front(base / "nginx", [s.port for s in servers], access_log=str(log),
                                plain_port=plain) as front:
             client = Client(front.port, front.cert) if args.tls else Client(plain, None)
             t0 = time.monotonic()

@@ -8,8 +8,10 @@ no test leaves processes behind.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -311,6 +313,18 @@ class LicenseServer:
             self.proc.wait()
         except ProcessLookupError:
             pass
+
+    def replica(self, data_dir: Path) -> LicenseServer:
+        """Another server on the same Redis with a copy of this one's key directory (a second
+        host: no new ``init``, the same signing keys, KEK and intake key); not started."""
+        shutil.copytree(self.data_dir, data_dir)
+        second = copy.copy(self)
+        second.data_dir = data_dir
+        second.port = free_port()
+        second.url = f"http://127.0.0.1:{second.port}"
+        second.log = data_dir.parent / f"{data_dir.name}-server.log"
+        second.proc = None
+        return second
 
     def api(self, method: str, path: str, json: Any = None, key: str | None = None,
             **kwargs: Any) -> requests.Response:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +30,7 @@ import redis
 import redis.cluster
 import requests
 from ls_helpers import Machine, new_machine
-from test_deploy import Front, _self_signed, _tool
+from test_deploy import Front, nginx_in_front
 
 from layerlock.license_server.checkpoints import ChainWalk, verify
 from layerlock.license_server.embedded_redis import find_redis_server
@@ -276,69 +274,6 @@ class ClusterGroup:
         return redis.Redis(port=node.port, decode_responses=True, socket_timeout=5)
 
 
-def replica_server(first: LicenseServer, data_dir: Path) -> LicenseServer:
-    """Another server on the same Redis with a copy of ``first``'s key directory (as a second host)."""
-    shutil.copytree(first.data_dir, data_dir)
-    second = copy(first)
-    second.data_dir = data_dir
-    second.port = free_port()
-    second.url = f"http://127.0.0.1:{second.port}"
-    second.log = data_dir.parent / f"{data_dir.name}-server.log"
-    second.proc = None
-    return second
-
-
-@contextmanager
-def nginx_in_front_of(tmp_path: Path, upstream_ports: list[int], *, access_log: str = "off",
-                      plain_port: int | None = None) -> Iterator[Front]:
-    """``deploy/nginx-tls.conf`` as shipped with one ``server`` line per replica (its listen
-    addresses and certificate paths changed; IPv6 listeners dropped).  ``access_log``: a path
-    to log ``$msec $status $request_time $upstream_response_time`` per request (benchmarks);
-    ``plain_port``: the TLS server also listens there without TLS (benchmarks whose Python
-    client would spend more CPU on TLS than the server it measures)."""
-    nginx = _tool("nginx", "nginx")
-    cert, key = _self_signed(tmp_path)
-    https_port, http_port = free_port(), free_port()
-    servers = "\n    ".join(f"server 127.0.0.1:{p};" for p in upstream_ports)
-    site = _substitute((DEPLOY / "nginx-tls.conf").read_text(), {
-        "/etc/ssl/layerlock/fullchain.pem": str(cert), "/etc/ssl/layerlock/privkey.pem": str(key),
-        "listen 443 ssl http2;": f"listen 127.0.0.1:{https_port} ssl http2;"
-                                 + (f"\n    listen 127.0.0.1:{plain_port};" if plain_port else ""),
-        "listen 80;": f"listen 127.0.0.1:{http_port};", "server 127.0.0.1:8700;": servers})
-    site = "\n".join(line for line in site.splitlines() if not line.strip().startswith("listen [::]"))
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "site.conf").write_text(site)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/logs/error.log;\n"
-                    f"worker_processes 1;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n"
-                    "http {\n    log_format timing '$msec $status $request_time $upstream_response_time';\n"
-                    f"    access_log {access_log}{' timing' if access_log != 'off' else ''};\n"
-                    f"    include {tmp_path}/site.conf;\n}}\n")
-    with open(tmp_path / "logs" / "nginx.out", "wb") as out:
-        proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    front = Front(f"https://127.0.0.1:{https_port}", https_port, cert, 0)
-    try:
-        def up() -> bool:
-            assert proc.poll() is None, (tmp_path / "logs" / "nginx.out").read_text()
-            try:
-                front.tls().close()
-                return True
-            except OSError:
-                return False
-
-        assert wait_for(up, 10), "nginx did not start"
-        yield front
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class Stack:
     group: RedisGroup | ClusterGroup
@@ -369,11 +304,11 @@ def ha_stack(base: Path, *, fleet: int = 12, workers: int = 2, replicas: int = 1
                     "LAYERLOCK_RATE_MACHINE_PER_MIN": "100000", "LAYERLOCK_RATE_UNAUTH_PER_MIN": "100000",
                     "LAYERLOCK_LOG_LEVEL": "WARNING", **(env or {})}
         first = LicenseServer(base / "server-a", group.url, workers=workers, env=settings, shed_queue_ms=None)
-        servers = [first, replica_server(first, base / "server-b")]
+        servers = [first, first.replica(base / "server-b")]
         for s in servers:
             s.start()
         (base / "nginx").mkdir()
-        with nginx_in_front_of(base / "nginx", [s.port for s in servers]) as front:
+        with nginx_in_front(base / "nginx", [s.port for s in servers]) as front:
             stack = Stack(group, servers, front, {"Authorization": f"Bearer {first.admin_key}"},
                           intake_pub=first.intake_pub)
             for model in (stack.model, stack.ops_model):

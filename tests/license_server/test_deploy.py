@@ -136,22 +136,29 @@ class Front:
 
 
 @contextlib.contextmanager
-def nginx_in_front(tmp_path: Path, upstream_port: int) -> Iterator[Front]:
-    """``deploy/nginx-tls.conf`` as shipped, only its listen addresses, certificate paths and
-    upstream port changed (IPv6 listeners dropped: loopback IPv4 is enough here)."""
+def nginx_in_front(tmp_path: Path, upstream_ports: int | list[int], *, access_log: str = "off",
+                   plain_port: int | None = None) -> Iterator[Front]:
+    """``deploy/nginx-tls.conf`` as shipped with one ``server`` line per upstream port (its listen
+    addresses and certificate paths changed; IPv6 listeners dropped: loopback IPv4 is enough).
+    ``access_log``: a path to log ``$msec $status $request_time $upstream_response_time`` per
+    request (benchmarks); ``plain_port``: the TLS server also listens there without TLS
+    (benchmarks whose Python client would spend more CPU on TLS than the server it measures)."""
     nginx = _tool("nginx", "nginx")
     cert, key = _self_signed(tmp_path)
     https_port, http_port = free_port(), free_port()
+    ports = [upstream_ports] if isinstance(upstream_ports, int) else upstream_ports
+    servers = "\n    ".join(f"server 127.0.0.1:{p};" for p in ports)
     text = (DEPLOY / "nginx-tls.conf").read_text()
+    for shipped in ("/etc/ssl/layerlock/fullchain.pem", "/etc/ssl/layerlock/privkey.pem", "listen 443 ssl http2;",
+                    "listen 80;", "server 127.0.0.1:8700;"):
+        assert shipped in text, f"the example changed ({shipped} is gone): update this test"
     site = (text.replace("/etc/ssl/layerlock/fullchain.pem", str(cert))
             .replace("/etc/ssl/layerlock/privkey.pem", str(key))
-            .replace("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;")
+            .replace("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"
+                     + (f"\n    listen 127.0.0.1:{plain_port};" if plain_port else ""))
             .replace("listen 80;", f"listen 127.0.0.1:{http_port};")
-            .replace("server 127.0.0.1:8700;", f"server 127.0.0.1:{upstream_port};"))
+            .replace("server 127.0.0.1:8700;", servers))
     site = "\n".join(line for line in site.splitlines() if not line.strip().startswith("listen [::]"))
-    for changed in (str(cert), str(key), f"127.0.0.1:{https_port} ssl", f"127.0.0.1:{http_port};",
-                    f"server 127.0.0.1:{upstream_port};"):
-        assert changed in site, f"the example changed ({changed} not substituted): update this test"
     limit = re.search(r"^\s*limit_conn layerlock_conn (\d+);", site, re.M)
     assert limit, "the example no longer caps connections per address (limit_conn)"
     (tmp_path / "logs").mkdir()
@@ -159,8 +166,11 @@ def nginx_in_front(tmp_path: Path, upstream_port: int) -> Iterator[Front]:
     # As root, nginx's workers would run as nobody, who cannot enter tmp_path.
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = tmp_path / "nginx.conf"
-    conf.write_text(f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/logs/error.log;\nevents {{}}\n"
-                    f"http {{\n    include {tmp_path}/site.conf;\n}}\n")
+    conf.write_text(f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/logs/error.log;\n"
+                    f"worker_processes 1;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n"
+                    "http {\n    log_format timing '$msec $status $request_time $upstream_response_time';\n"
+                    f"    access_log {access_log}{' timing' if access_log != 'off' else ''};\n"
+                    f"    include {tmp_path}/site.conf;\n}}\n")
     with open(tmp_path / "logs" / "nginx.out", "wb") as out:
         proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)

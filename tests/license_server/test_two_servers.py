@@ -9,30 +9,15 @@ and concurrent writes through both keep one unbroken audit chain and lose no upd
 
 from __future__ import annotations
 
-import copy
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 from ls_helpers import activate, add_model, issue, new_machine, register
 
 from layerlock.shared.tokens import parse_jwks, verify_token
-from tests.conftest import LicenseServer, free_port, make_redis
-
-
-def _replica(first: LicenseServer, data_dir: Path) -> LicenseServer:
-    """A second server on the same Redis with a copy of ``first``'s key directory (no new ``init``)."""
-    shutil.copytree(first.data_dir, data_dir)
-    second = copy.copy(first)
-    second.data_dir = data_dir
-    second.port = free_port()
-    second.url = f"http://127.0.0.1:{second.port}"
-    second.log = data_dir.parent / f"{data_dir.name}-server.log"
-    second.proc = None
-    return second
+from tests.conftest import LicenseServer, make_redis
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +26,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LicenseServ
     rs = make_redis(base / "redis")
     rs.start()
     a = LicenseServer(base / "a", rs.url)
-    b = _replica(a, base / "b")
+    b = a.replica(base / "b")
     try:
         with ThreadPoolExecutor(2) as pool:  # both start (and bootstrap the admin key) at once
             list(pool.map(LicenseServer.start, (a, b)))
