@@ -20,10 +20,13 @@ from layerlock.shared.errors import ConfigError
 OLD = "ll:"
 log = logging.getLogger("layerlock")
 
+# Every start runs it, so it first looks for the old audit stream (O(1)): any database a server
+# ever ran on has one (the bootstrap key's record), and KEYS walks the whole keyspace.
 # Returns the number of keys renamed (0: nothing to do), or -1 when keys exist in both layouts (an
 # old server kept writing after a new one started: merging the two would splice records into a
 # chain they are not part of): then nothing is renamed.
 _MIGRATE = """
+if redis.call('EXISTS', ARGV[1] .. 'audit') == 0 then return 0 end
 local old = redis.call('KEYS', ARGV[1] .. '*')
 if #old == 0 then return 0 end
 if #redis.call('KEYS', ARGV[2] .. '*') > 0 then return -1 end

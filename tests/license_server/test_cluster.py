@@ -168,11 +168,12 @@ def test_an_old_ll_database_moves_to_the_new_layout_once(tmp_path: Path) -> None
         assert activate(ls, m, model_id).status_code == 200
 
         ls.stop()  # an old server writing beside a new one: refused, nothing renamed
-        r.set("ll:machine:stray", "x")
+        r.set("ll:machine:stray", "x")  # what an old server's commit writes: a record and its audit entry
+        r.xadd("ll:audit", {"rec": "{}", "h": "0" * 64})
         with pytest.raises(RuntimeError, match="license server exited"):
             ls.start(timeout=15)
         assert "keys under both the old prefix 'll:' and the new '{ll}:'" in ls.log.read_text()
-        assert r.exists("ll:machine:stray") and r.exists(P + "audit:head")
+        assert r.exists("ll:machine:stray", "ll:audit") == 2 and r.exists(P + "audit:head")
     finally:
         ls.stop()
         rs.kill()
