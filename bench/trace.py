@@ -300,7 +300,7 @@ def _finetune(t: Tensors, lr: float, seed: int) -> Tensors:
 
 
 def digits(work: Path, trials: int, licensees: int, wrong_per_trial: int, independent: int,
-           tau: float, figures: dict[str, str]) -> None:
+           tau: float, figures: dict[str, str], task: str | None = None, invisible: int = 1024) -> None:
     import safetensors.numpy as stnp
 
     from layerlock.demo.model import build, load_data, train
@@ -311,36 +311,48 @@ def digits(work: Path, trials: int, licensees: int, wrong_per_trial: int, indepe
     path = work / "digits.safetensors"
     build(path)
     original = stnp.load_file(path)
-    res = protect(path, work / "digits", model_id="digits-1", policy=LockPolicy(fingerprint=True))
+    res = protect(path, work / "digits", model_id="digits-1",
+                  policy=LockPolicy(fingerprint=True, fingerprint_task=task))
     copies = Copies(res)
     secret = copies.secret
     sites = ", ".join(f"{s.tensor} {len(s.index)} (delta {s.scale:.2g} = {s.scale / original[s.tensor].std():.3f} sd)"
                       for s in secret.sites)
-    print(f"\n== digits: {res.fraction:.1%} locked, {secret.n} fingerprint positions: {sites}", flush=True)
+    placed = f"placed by task {task}" if task else "largest locked weights"
+    print(f"\n== digits: {res.fraction:.1%} locked, {secret.n} fingerprint positions ({placed}): {sites}", flush=True)
     figures["digits_positions"] = str(secret.n)
     ids = license_ids(licensees, rng)
     licensed = {lic: copies.tensors(lic) for lic in ids}
 
-    # Invisible in use.
+    # Invisible in use: every licensee's copy, and more licenses (copies are cheap here).
     base_score = _digits_score(original)
     base_pred = _predict_all(original)
-    deltas = np.array([_digits_score(t) - base_score for t in licensed.values()])
-    agree = np.array([float(np.mean(_predict_all(t) == base_pred)) for t in licensed.values()])
-    changed = np.array([int(np.sum(_predict_all(t) != base_pred)) for t in licensed.values()])
+    seen = [*licensed.values(), *(copies.tensors(lic) for lic in license_ids(max(0, invisible - len(ids)), rng))]
+    deltas = np.array([_digits_score(t) - base_score for t in seen])
+    preds = [_predict_all(t) for t in seen]
+    held = len(_split_test())  # _predict_all: the training digits, then the held-out ones
+    agree = np.array([float(np.mean(p == base_pred)) for p in preds])
+    changed = np.array([int(np.sum(p != base_pred)) for p in preds])
+    held_changed = np.array([int(np.sum(p[-held:] != base_pred[-held:])) for p in preds])
     max_rel = max(float(np.max(np.abs(t[s.tensor] - original[s.tensor]))) / float(original[s.tensor].std())
-                  for t in licensed.values() for s in secret.sites)
-    print(f"invisible: original held-out accuracy {base_score:.4f}; over {len(ids)} licenses the change is "
+                  for t in seen for s in secret.sites)
+    print(f"invisible: original held-out accuracy {base_score:.4f}; over {len(seen)} licenses the change is "
           f"mean {100 * deltas.mean():+.3f} points, worst {100 * np.abs(deltas).max():.3f} points; "
           f"predictions on all {len(base_pred)} digits: mean agreement {agree.mean():.5f}, worst {agree.min():.5f} "
           f"(at most {changed.max()} digits change); largest weight change {max_rel:.3f} sd", flush=True)
-    figures.update(digits_licenses=str(len(ids)), digits_acc=f"{base_score:.4f}",
+    figures.update(digits_licenses=str(len(seen)), digits_acc=f"{base_score:.4f}",
                    digits_acc_change_mean_pts=f"{100 * deltas.mean():.3f}",
                    digits_acc_change_worst_pts=f"{100 * np.abs(deltas).max():.3f}",
                    digits_pred_agree_worst=f"{agree.min():.5f}", digits_pred_changed_max=str(int(changed.max())))
     lost = np.rint(-deltas * len(_split_test())).astype(int)  # held-out digits lost (negative: gained)
     hist = ", ".join(f"{v:+d}: {c}" for v, c in zip(*np.unique(lost, return_counts=True), strict=True))
     print(f"held-out digits lost per license (count of licenses): {hist}", flush=True)
-    figures["digits_acc_licenses_unchanged"] = f"{int(np.sum(lost == 0))}/{len(ids)}"
+    figures["digits_acc_licenses_unchanged"] = f"{int(np.sum(lost == 0))}/{len(seen)}"
+    hist = ", ".join(f"{v}: {c}" for v, c in zip(*np.unique(held_changed, return_counts=True), strict=True))
+    print(f"held-out predictions changed per license (count of licenses): {hist}; "
+          f"mean {held_changed.mean():.4f}", flush=True)
+    figures.update(digits_heldout_changed_mean=f"{held_changed.mean():.4f}",
+                   digits_heldout_changed_max=str(int(held_changed.max())),
+                   digits_licenses_no_heldout_change=f"{int(np.sum(held_changed == 0))}/{len(seen)}")
 
     rows: list[Row] = []
     outsiders = license_ids(wrong_per_trial, rng)
@@ -678,6 +690,10 @@ def main() -> None:
     ap.add_argument("--sweep", default="1,1.5,2,3", help="delta multipliers for the sweep")
     ap.add_argument("--minilm-finetunes", type=int, default=None,
                     help="MiniLM fine-tuning trials (slow; default 3, quick 0)")
+    ap.add_argument("--fingerprint-task", default=None,
+                    help="digits: place the fingerprint with this task's sensitivity (protect --fingerprint-task)")
+    ap.add_argument("--invisible-licenses", type=int, default=1024,
+                    help="digits: licenses the in-use change is measured on")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     quick = args.quick
@@ -693,7 +709,8 @@ def main() -> None:
         work = Path(tmp)
         if "digits" in only:
             digits(work, trials, licensees=64 if not quick else 40, wrong_per_trial=100,
-                   independent=5 if quick else 20, tau=tau, figures=figures)
+                   independent=5 if quick else 20, tau=tau, figures=figures, task=args.fingerprint_task,
+                   invisible=args.invisible_licenses)
         if "sweep" in only:
             energy_sweep(work, [float(m) for m in args.sweep.split(",")], licensees=40,
                          trials=10 if quick else 40, tau=tau, figures=figures)

@@ -38,7 +38,8 @@ holds nothing the attacker lacks.
     def loss(model, batch):       # a scalar torch loss
 
 ``build`` must return a module whose ``named_parameters()`` use the file's tensor names.
-See ``layerlock.demo.digits_task`` and ``layerlock.demo.encoder_task``.
+See ``layerlock.demo.digits_task`` and ``layerlock.demo.encoder_task``.  ``layerlock protect
+--fingerprint-task`` takes the same module (:mod:`layerlock.shared.sensitivity`).
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ MAX_SITES = 8  # tensors that carry positions (bounds the alignment data)
 # leaves traceable (bench/trace.py's sweep); a large model reaches MAX_ALPHA well before it.
 ENERGY = 0.03
 MAX_ALPHA = 0.1  # δ never exceeds this share of a tensor's standard deviation
+POOL_FLOOR = 0.25  # with a sensitivity: positions only above this quantile of relative magnitude
+TASK_SHARE = 0.7  # with a sensitivity: this share of the positions, at the same energy (digits: 0 of 1,024
+                  # licenses change a held-out digit, and every bench/trace.py attack is still traced)
 CLIP = 3.0  # residuals are clipped at ±CLIP·δ: a pruned or retrained weight cannot drown the rest
 QUANTILES = np.linspace(0.05, 0.95, 10)  # per-row / per-column descriptors for re-alignment
 ALIGN_CAP = 4096  # rows (columns) beyond this are not re-aligned
@@ -232,7 +235,8 @@ def describe(matrix: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
 # --- choosing positions (protect) ------------------------------------------------------------------
 def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]],
            load: Callable[[str], tuple[np.ndarray, np.ndarray]], key: bytes, *,
-           max_positions: int = MAX_POSITIONS, strength: float = 1.0) -> Secret | None:
+           max_positions: int = MAX_POSITIONS, strength: float = 1.0,
+           sensitivity: Callable[[str], np.ndarray] | None = None) -> Secret | None:
     """Pick positions among locked float elements.  ``locked`` maps a tensor name to (dtype,
     shape, number of locked elements); ``load(name)`` gives its values (flat) and a boolean mask
     of its locked elements (flat) -- called only for the tensors chosen, so a large model is
@@ -242,7 +246,16 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
     locked elements of largest magnitude relative to their tensor's spread (pruning keeps those).
     δ per tensor is set so the fingerprint's energy stays under ``ENERGY²`` of the locked part's
     (and never above ``MAX_ALPHA`` of its standard deviation); ``strength`` scales δ (a vendor's
-    trade between robustness and invisibility).  None: too little is locked."""
+    trade between robustness and invisibility).
+
+    ``sensitivity(name)``: a per-element cost of moving each weight (flat; the task's Fisher
+    diagonal, :mod:`layerlock.shared.sensitivity`).  Given, ``TASK_SHARE`` of that number of
+    positions is taken where moving a weight by a share of its tensor's spread costs least, among
+    the locked elements above the ``POOL_FLOOR`` quantile of relative magnitude (so 50 % magnitude
+    pruning still keeps most).  Each tensor keeps the same energy, so the fewer, cheaper
+    positions each carry a larger δ: against noise, quantization or fine-tuning the statistic
+    depends on the energy far more than on the count, while what the model's outputs feel is
+    energy × the sensitivity where it sits.  None: too little is locked."""
     usable = {k: v for k, v in locked.items() if v[0] in FLOAT and v[2] > 0 and math.prod(v[1]) > 1}
     if sum(v[2] for v in usable.values()) < MIN_POSITIONS:
         return None
@@ -257,12 +270,29 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
     if sum(len(p[2]) for p in pool) < MIN_POSITIONS:
         return None
     rel = np.concatenate([p[3] for p in pool])
-    n = min(max_positions, len(rel) // 2)  # half the candidates at most: the larger half by magnitude
-    cut = np.partition(rel, len(rel) - n)[len(rel) - n] if n < len(rel) else -np.inf
+    n = min(max_positions, len(rel) // 2)  # as many as the larger half by magnitude
+    if sensitivity is None:
+        cut = np.partition(rel, len(rel) - n)[len(rel) - n] if n < len(rel) else -np.inf
+        keep = [r >= cut for _, _, _, r, _ in pool]
+    else:
+        n = min(n, max(MIN_POSITIONS, round(n * TASK_SHARE)))
+        floor = float(np.quantile(rel, POOL_FLOOR))
+        parts = []
+        for name, values, idx, r, spread in pool:
+            cost = np.asarray(sensitivity(name), dtype=np.float64).ravel()
+            if cost.shape != values.shape or not np.all(np.isfinite(cost)):
+                raise InvalidInput(f"sensitivity of {name!r} is not one finite value per element")
+            parts.append(np.where(r >= floor, cost[idx] * spread ** 2, np.inf))
+        cost = np.concatenate(parts)
+        cheapest = np.argsort(cost, kind="stable")[:n]
+        chosen = np.zeros(len(cost), dtype=bool)
+        chosen[cheapest[np.isfinite(cost[cheapest])]] = True
+        bounds = np.cumsum([0] + [len(p[2]) for p in pool])
+        keep = [chosen[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     sites = []
     taken = 0
-    for name, values, idx, r, spread in pool:
-        pick = np.sort(idx[r >= cut])[: n - taken]
+    for (name, values, idx, _, spread), mask in zip(pool, keep, strict=True):
+        pick = np.sort(idx[mask])[: n - taken]
         if not len(pick):
             continue
         taken += len(pick)
@@ -271,7 +301,8 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
         rows_n = shape[0] if shape else 1
         rows, cols = describe(values.reshape(rows_n, -1))
         sites.append(Site(name, dtype, tuple(shape), pick.astype(np.uint32),
-                          from_float(values[pick].astype(np.float64), dtype), alpha * spread, rows, cols))
+                          from_float(values[pick].astype(np.float64), dtype),
+                          alpha * spread, rows, cols))
         if taken >= n:
             break
     # sites in the order of ``locked`` (the file order): the bundle header lists them so, and the
@@ -385,13 +416,17 @@ def false_positive_bound(z: float, licenses: int, statistics: int = 2) -> float:
 
 
 def residual(secret: Secret, observed: np.ndarray) -> np.ndarray:
-    """``clip((x − w)/δ)``; positions the suspect lacks (NaN) count as 0 (no evidence)."""
+    """``clip((x − w)/δ)``; positions the suspect lacks (NaN) count as 0 (no evidence), and so do
+    positions it holds at exactly 0 where the original is not: a pruned weight says nothing
+    about the chips, while its ``−w/δ`` would add a full ``±CLIP`` of noise.  (Both rules read
+    only the suspect and the original, so the bound is untouched.)"""
     if observed.shape != (secret.n,):
         raise InvalidInput(f"expected {secret.n} values at the fingerprint positions, got {observed.shape}")
     scales = secret.scales()
+    originals = secret.originals()
     with np.errstate(invalid="ignore", over="ignore"):
-        y = (observed - secret.originals()) / np.where(scales > 0, scales, 1.0)
-    y = np.where(np.isfinite(y), y, 0.0)
+        y = (observed - originals) / np.where(scales > 0, scales, 1.0)
+    y = np.where(np.isfinite(y) & ((observed != 0) | (originals == 0)), y, 0.0)
     clipped: np.ndarray = np.clip(y, -CLIP, CLIP)
     return clipped
 
@@ -539,14 +574,15 @@ def informed(public: Mapping[str, object], tensors: Mapping[str, np.ndarray],
             plain.append(np.full(k, np.nan))
             aligned.append(np.full(k, np.nan))
             continue
-        known = np.ones(site.matrix, dtype=bool)
-        known[r, c] = False
+        off = np.ones(site.matrix, dtype=bool)
+        off[r, c] = False
         for out, mat in zip((plain, aligned), frames, strict=True):
             with np.errstate(invalid="ignore", over="ignore"):
                 drift = mat - w_mat
-            sigma = np.sqrt(drift_variance(drift, known)[r, c] + site.scale ** 2)
+            pruned = (mat == 0) & (w_mat != 0)  # set to zero, not drifted: neither drift nor evidence
+            sigma = np.sqrt(drift_variance(drift, off & ~pruned)[r, c] + site.scale ** 2)
             a = site.scale / sigma * np.clip(drift[r, c] / sigma, -INFORMED_CLIP, INFORMED_CLIP)
-            out.append(np.where(np.isfinite(a), w_mat[r, c] + site.scale * a, np.nan))
+            out.append(np.where(np.isfinite(a) & ~pruned[r, c], w_mat[r, c] + site.scale * a, np.nan))
     return [np.concatenate(plain), np.concatenate(aligned)]
 
 

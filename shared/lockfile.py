@@ -64,7 +64,7 @@ from layerlock.shared.bundle import (
     representable,
 )
 from layerlock.shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, write_sealed
-from layerlock.shared.decoys import write_plan_decoys
+from layerlock.shared.decoys import read_array, write_plan_decoys
 from layerlock.shared.errors import BundleFormatError, InvalidInput, LockError
 from layerlock.shared.fingerprint import FLOAT as FINGERPRINT_DTYPES
 from layerlock.shared.fingerprint import Secret, from_float, to_float
@@ -113,6 +113,7 @@ class ProtectResult:
     # like the data key: it goes to the license server sealed, never to disk in plaintext.
     fingerprint: bytes | None = field(default=None, repr=False)
     fingerprint_positions: int = 0
+    fingerprint_task: str | None = None  # the task whose sensitivity placed the positions
 
     @property
     def fraction(self) -> float:
@@ -162,8 +163,7 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
     base = load_base(Path(policy.base), out_dir) if policy.base is not None else None
     with mapped(plain) as plan_view:
         plan = make_plan(plain, plan_view, policy, infos, base)
-        secret = _choose_fingerprint(model_id, plan, plan_view, policy.fingerprint_strength) \
-            if policy.fingerprint else None
+        secret = _choose_fingerprint(model_id, plan, plain, plan_view, policy) if policy.fingerprint else None
     fp_index = {s.tensor: s.index for s in secret.sites} if secret is not None else None
     locked = [lk.info for lk in plan.locks]  # file order, empties first
     runs = {lk.name: r for lk in plan.locks if (r := lk.byte_runs()) is not None}
@@ -235,11 +235,16 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
                          total_params=sum(t.numel for t in plain.tensors), format=plain.format,
                          left_as_is=left_as_is, param_path=param_path,
                          fingerprint=secret.to_bytes() if secret is not None else None,
-                         fingerprint_positions=secret.n if secret is not None else 0)
+                         fingerprint_positions=secret.n if secret is not None else 0,
+                         fingerprint_task=policy.fingerprint_task if secret is not None else None)
 
 
-def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview, strength: float) -> Secret | None:
-    """Fingerprint positions among the plan's locked float elements (None: too little locked)."""
+def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, view: memoryview,
+                        policy: LockPolicy) -> Secret | None:
+    """Fingerprint positions among the plan's locked float elements (None: too little locked).
+
+    With ``policy.fingerprint_task`` the positions go where that task's loss is flattest
+    (:mod:`layerlock.shared.sensitivity`); the whole model is then read into memory once."""
     locks = {lk.name: lk for lk in plan.locks if lk.info.dtype in FINGERPRINT_DTYPES}
 
     def load(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +255,25 @@ def _choose_fingerprint(model_id: str, plan: Plan, view: memoryview, strength: f
         mask = locks[name].mask().ravel() & np.isfinite(values)
         return values, mask
 
+    sensitivity = None
+    if policy.fingerprint_task is not None:
+        from layerlock.shared.sensitivity import fisher
+
+        tensors = {}
+        for t in plain.tensors:
+            arr = read_array(view, t)
+            if arr is not None:
+                tensors[t.name] = np.array(arr)  # a copy: the mapping closes after protect
+            del arr
+        costs = fisher(policy.fingerprint_task, tensors, list(locks))
+        del tensors
+
+        def sensitivity(name: str) -> np.ndarray:
+            return costs.get(name, np.zeros(locks[name].info.numel))
+
     shapes = {name: (lk.info.dtype, tuple(lk.info.shape), lk.elements) for name, lk in locks.items()}
-    return choose_fingerprint(model_id, shapes, load, secrets.token_bytes(32), strength=strength)
+    return choose_fingerprint(model_id, shapes, load, secrets.token_bytes(32), strength=policy.fingerprint_strength,
+                              sensitivity=sensitivity)
 
 
 def _decoys_at_fingerprint(view: memoryview, locked_path: Path, infos: dict[str, TensorInfo],

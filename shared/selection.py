@@ -44,7 +44,8 @@ class LockPolicy:
     from the base is below this fraction of their norm (0: lock every row that differs).
     ``include_int``: integer and bool buffers may be locked too.  ``fingerprint``: reserve
     per-license fingerprint positions in the locked tensors (:mod:`layerlock.shared.fingerprint`),
-    their δ scaled by ``fingerprint_strength``.
+    their δ scaled by ``fingerprint_strength``, placed where the task ``fingerprint_task`` (a
+    ``layerlock assess`` task spec) is least sensitive when one is named.
     """
 
     start: int | None = None
@@ -55,6 +56,7 @@ class LockPolicy:
     base_min_change: float = 0.0
     fingerprint: bool = False
     fingerprint_strength: float = 1.0
+    fingerprint_task: str | None = None
 
     @property
     def is_default(self) -> bool:

@@ -173,14 +173,19 @@ def _or_discard(result: ProtectResult) -> Iterator[None]:
 @click.option("--fingerprint-strength", type=click.FloatRange(0.25, 4.0), default=1.0, show_default=True,
               help="Scale the fingerprint's amplitude: higher survives harsher retraining of a small model, "
                    "lower changes its outputs less (README: Trace a leak).")
+@click.option("--fingerprint-task", metavar="TASK",
+              help="Place the fingerprint where this task's loss is flattest, so users do not notice it: a "
+                   "`layerlock assess` task (digits, encoder, a .py file or a module name) run on the vendor's "
+                   "own data (needs PyTorch; reads the whole model into memory).  Default: the largest "
+                   "locked weights, no data needed.")
 @click.option("--force", is_flag=True, help="Protect a single file again even if its bundle exists (new key).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results instead of text.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is also off when stderr is not a TTY).")
 def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: str | None, layers: str | None,
             patterns: tuple[str, ...], base: Path | None, base_min_change: float, include_int: bool,
             intake_key: Path | None, register: str | None, api_key: str | None, data_key_out: Path | None,
-            name: str | None, model_version: str, fingerprint: bool, fingerprint_strength: float, force: bool,
-            as_json: bool, no_progress: bool) -> None:
+            name: str | None, model_version: str, fingerprint: bool, fingerprint_strength: float,
+            fingerprint_task: str | None, force: bool, as_json: bool, no_progress: bool) -> None:
     """Lock a model so a copy is worthless without a license.
 
     PATH is a .safetensors, .pt/.pth state dict or .onnx file, an ncnn .param (WEIGHTS is its
@@ -204,6 +209,8 @@ def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: st
                                f"(got {', '.join(chosen) if chosen else 'none'})")
     if register is not None and not api_key:
         raise click.UsageError("--register needs --api-key or LAYERLOCK_API_KEY")
+    if fingerprint_task is not None and (not fingerprint or data_key_out is not None):
+        raise click.UsageError("--fingerprint-task places a fingerprint: not with --no-fingerprint or --data-key-out")
     try:
         if path.is_dir() and not find_models(path):  # before any key destination is created or contacted
             raise InvalidInput(f"no model files (.safetensors, .pt, .pth, .onnx, ncnn .param) under {path}")
@@ -215,8 +222,12 @@ def protect(path: Path, weights: Path | None, out_dir: Path | None, model_id: st
             if not base.is_file():
                 raise InvalidInput(f"--base {base}: no such file")
             policy = LockPolicy(include_int=include_int, base=str(base), base_min_change=base_min_change)
+        if fingerprint_task is not None:
+            from layerlock.shared.assess import load_task
+
+            load_task(fingerprint_task)  # a task that does not load fails before any key is made
         policy = dataclasses.replace(policy, fingerprint=fingerprint and data_key_out is None,
-                                     fingerprint_strength=fingerprint_strength)
+                                     fingerprint_strength=fingerprint_strength, fingerprint_task=fingerprint_task)
         on_result, where = _sink(intake_key, register, api_key, data_key_out, path.is_dir(), name, model_version)
         outcomes = protect_path(path, out_dir, model_id=model_id, policy=policy, progress=not no_progress,
                                 force=force, on_result=on_result, weights=weights)
@@ -252,7 +263,7 @@ def _as_dict(o: Outcome, where: dict[Path, str]) -> dict[str, Any]:
                  locked_tensors=len(r.locked_tensors), locked_params=r.locked_params,
                  total_params=r.total_params, fraction=round(r.fraction, 6), data_key=where.get(o.source),
                  policy=r.policy, locked_names=list(r.locked_tensors), locks=r.locks, warnings=r.warnings,
-                 fingerprint_positions=r.fingerprint_positions)
+                 fingerprint_positions=r.fingerprint_positions, fingerprint_task=r.fingerprint_task)
         if r.param_path is not None:
             d["param"] = str(r.param_path)
     if o.message:
@@ -277,7 +288,9 @@ def _describe(o: Outcome, where: dict[Path, str]) -> None:
         click.echo(f"             ... and {len(r.locks) - len(shown)} more (--json lists them all)")
     click.echo(f"  data key:  {where.get(r.source, '?')}")
     if r.fingerprint_positions:
-        click.echo(f"  fingerprint: {r.fingerprint_positions:,} positions (each license's values come with its token)")
+        placed = f", placed by task {r.fingerprint_task}" if r.fingerprint_task else ""
+        click.echo(f"  fingerprint: {r.fingerprint_positions:,} positions{placed} (each license's values come with "
+                   "its token)")
 
 
 def _table(outcomes: list[Outcome]) -> None:

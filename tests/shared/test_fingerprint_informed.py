@@ -150,3 +150,37 @@ def test_a_suspect_without_the_tensor_is_no_evidence():
     candidates = fp.informed(secret.public(), {"other": np.zeros((3, 3))}, {"w": w})
     assert all(np.isnan(c).all() for c in candidates)
     assert np.all(fp.scores(secret, candidates, _ids(5)) == 0)
+
+
+def _pruned(copy: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """Magnitude pruning: the smallest ``share`` of the weights set to exactly zero."""
+    cut = np.quantile(np.abs(copy), share)
+    return np.where(np.abs(copy) < cut, np.float32(0), copy).astype(np.float32)
+
+
+def test_pruned_weights_are_no_evidence_plain_or_informed():
+    w = np.random.default_rng(6).normal(0, 1, (64, 64)).astype(np.float32)
+    secret = _secret(w)
+    copy = _copy(w, secret, "lic_p")
+    # prune 75 %: half of the positions (the larger half by magnitude) go to zero too
+    suspect = {"w": _pruned(copy, 0.75)}
+    at = suspect["w"].ravel()[secret.sites[0].index]
+    gone = at == 0
+    assert 0.3 < gone.mean() < 0.7
+    [found, _] = fp.extract(secret.public(), suspect)
+    y = fp.residual(secret, found)
+    assert np.all(y[gone] == 0) and np.all(np.abs(y[~gone]) > 0)
+    ids = ["lic_p", *_ids(2000)]
+    for candidates in (fp.extract(secret.public(), suspect),
+                       _wire(fp.informed(secret.public(), suspect, {"w": w}))):
+        z = fp.scores(secret, candidates, ids)
+        # the surviving positions carry the license's chips exactly: z = sqrt(survivors)
+        assert z[0] == pytest.approx(math.sqrt(int((~gone).sum())), rel=0.02)
+        assert_fair_tail(z[1:])
+    # a suspect zeroed at every position, read as found: no evidence for anyone (score 0), not
+    # ±3 of noise per position (re-aligned, other rows' values land there: an ordinary fair tail)
+    blank = copy.copy()
+    blank.ravel()[secret.sites[0].index] = 0
+    as_found, realigned = fp.extract(secret.public(), {"w": blank})
+    assert np.all(fp.scores(secret, [as_found], ids) == 0)
+    assert_fair_tail(fp.scores(secret, [realigned], ids))
