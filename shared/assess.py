@@ -14,8 +14,9 @@ comparison with the base tells him, and A5 measures whether the decoys do).  Att
 * **A4** (with a base) the base's values put in place of the locked elements, alone and then
   fine-tuned;
 * **A5** a locked-tensor detector: logistic regression on per-tensor statistics (mean, std,
-  skewness, kurtosis, singular-value spectrum), cross-validated AUC; and the same per slice
-  (rows, columns) inside partly locked matrices.
+  skewness, kurtosis, singular-value spectrum), cross-validated AUC -- beside the same detector
+  on the original with the same labels (what the choice of tensors alone gives away); and the
+  same per slice (rows, columns) inside partly locked matrices.
 
 Each attack's score becomes a *residual utility*: RU = (attack - alternative) / (original -
 alternative), where the alternative is the best the attacker gets *without* the file at the
@@ -361,7 +362,7 @@ def assess(original: dict[str, np.ndarray], locked: dict[str, np.ndarray], task:
                 row(variant.split()[0], variant.split(" ", 1)[1], budget, scores, alts)
             else:
                 row("A2", variant, budget, scores, alts)
-    detector = detect(locked, masks, base)
+    detector = detect(locked, masks, base, original)
     if base is not None:
         detector["note"] = ("with a base, comparing with it tells which tensors are locked anyway: "
                             "not counted in the verdict")
@@ -424,12 +425,17 @@ def _cv_auc(x: list[list[float]], y: list[int]) -> float | None:
 
 
 def detect(locked: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-           base: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+           base: dict[str, np.ndarray] | None = None, original: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """A5: can per-tensor statistics tell locked tensors from clear ones?  Cross-validated AUC.
 
     Also per slice (rows, columns) inside partly locked matrices -- except where the locked
     file holds the base's own values: there, knowing which rows are locked tells an attacker
     only what comparing with the public base tells him anyway.
+
+    With ``original``, ``kind_auc`` is the same per-tensor detector on the *original* tensors with
+    the same labels: what the policy's choice of tensors gives away before any decoy is written
+    (a policy that locks the embedding tables picks tensors of a kind the statistics recognise,
+    and the names say as much).  ``auc`` above it is what the decoys add.
     """
     names = [n for n, a in locked.items() if a.dtype.kind == "f" and a.size >= 16]
     x = [_features(locked[n]) for n in names]
@@ -437,6 +443,9 @@ def detect(locked: dict[str, np.ndarray], masks: dict[str, np.ndarray],
     auc = _cv_auc(x, y)
     out: dict[str, Any] = {"auc": None if auc is None else round(auc, 4), "tensors": len(names),
                            "locked": sum(y)}
+    if original is not None and auc is not None and all(n in original for n in names):
+        kind = _cv_auc([_features(original[n]) for n in names], y)
+        out["kind_auc"] = None if kind is None else round(kind, 4)
     if auc is None:
         out["why"] = "fewer than 2 locked or 2 clear float tensors: no per-tensor classifier to train"
     slice_aucs = {}
@@ -469,8 +478,10 @@ def table(report: Report) -> list[str]:
     body = [(r.attack, r.variant, f"{r.budget:.0%}" if r.budget else "-", f"{r.score:.4f}", f"{r.alternative:.4f}",
              "n/a" if r.ru is None else f"{r.ru:+.3f}") for r in report.rows]
     det = report.detector
-    body.append(("A5", "locked-tensor detector (AUC)", "-", "n/a" if det.get("auc") is None else f"{det['auc']:.3f}",
-                 "0.500", "-"))
+    kind = det.get("kind_auc")  # the same detector on the original: what the choice of tensors gives away
+    body.append(("A5", "locked-tensor detector (AUC; alternative: on the original)", "-",
+                 "n/a" if det.get("auc") is None else f"{det['auc']:.3f}", "0.500" if kind is None else f"{kind:.3f}",
+                 "-"))
     for k, v in (det.get("slices") or {}).items():
         body.append(("A5", f"slices: {k} (AUC)", "-", f"{v:.3f}", "0.500", "-"))
     widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(6)]

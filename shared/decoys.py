@@ -258,8 +258,10 @@ def _random_values(arr: np.ndarray[Any, Any], mask: np.ndarray[Any, Any] | None,
             and int((~by_row.any(axis=1)).sum()) >= 16:
         # Whole rows (an embedding table's tokens): each decoy row mixes two clear rows drawn at
         # random (weights sqrt(t), sqrt(1 - t): the spread is kept) plus a little noise -- row
-        # statistics (norms, spreads, the outlier dimensions such tables have) look like the
-        # clear rows', and the values are none of theirs.
+        # statistics (spreads, the outlier dimensions such tables have) look like the clear
+        # rows', and the values are none of theirs.  A mix's norm is closer to the average than
+        # its parents' (a narrower spread of norms: a row classifier on spread and norm had AUC
+        # 0.65 on MiniLM), so each row is then scaled to the norm of a third clear row (0.53).
         clear_rows = rows[~by_row.any(axis=1)]
         n, width = int(by_row.all(axis=1).sum()), rows.shape[1]
         a = clear_rows[rng.integers(0, len(clear_rows), size=n)]
@@ -267,6 +269,8 @@ def _random_values(arr: np.ndarray[Any, Any], mask: np.ndarray[Any, Any] | None,
         t = rng.random((n, 1))
         jitter = rng.standard_normal((n, width)) * (0.05 * clear_rows.std(axis=0, keepdims=True))
         drawn: np.ndarray[Any, Any] = (np.sqrt(t) * a + np.sqrt(1 - t) * b) + jitter
+        norms = np.linalg.norm(clear_rows, axis=1)[rng.integers(0, len(clear_rows), size=n)]
+        drawn *= (norms / np.maximum(np.linalg.norm(drawn, axis=1), 1e-30))[:, None]
         return drawn.reshape(-1)
     clear = values[~mask]
     clear = clear[np.isfinite(clear)]

@@ -252,10 +252,11 @@ def choose(model_id: str, locked: Mapping[str, tuple[str, tuple[int, ...], int]]
     diagonal, :mod:`layerlock.shared.sensitivity`).  Given, ``TASK_SHARE`` of that number of
     positions is taken where moving a weight by a share of its tensor's spread costs least, among
     the locked elements above the ``POOL_FLOOR`` quantile of relative magnitude (so 50 % magnitude
-    pruning still keeps most).  Each tensor keeps the same energy, so the fewer, cheaper
-    positions each carry a larger δ: against noise, quantization or fine-tuning the statistic
-    depends on the energy far more than on the count, while what the model's outputs feel is
-    energy × the sensitivity where it sits.  None: too little is locked."""
+    pruning still keeps most).  Each tensor keeps the same energy (as far as ``MAX_ALPHA``
+    allows), so the fewer, cheaper positions each carry a larger δ: against noise, quantization
+    or fine-tuning the statistic depends on the energy far more than on the count, while what
+    the model's outputs feel is energy × the sensitivity where it sits.  None: too little is
+    locked."""
     usable = {k: v for k, v in locked.items() if v[0] in FLOAT and v[2] > 0 and math.prod(v[1]) > 1}
     if sum(v[2] for v in usable.values()) < MIN_POSITIONS:
         return None
