@@ -71,6 +71,8 @@ def _assess(name: str, original: Path, policy, task: str, work: Path, base: Path
         figures[f"{name}_ru_a4"] = ru("A4", 0.0)
     auc = report.detector.get("auc")
     figures[f"{name}_a5_auc"] = "na" if auc is None else f"{auc:.3f}"
+    kind = report.detector.get("kind_auc")  # the same detector on the original: the choice of tensors alone
+    figures[f"{name}_a5_kind_auc"] = "na" if kind is None else f"{kind:.3f}"
     slices = report.detector.get("slices") or {}
     if slices:
         figures[f"{name}_a5_slice_auc"] = f"{max(slices.values()):.3f}"

@@ -81,9 +81,9 @@ def test_default_on_an_encoder_locks_embedding_rows(tmp_path):
 
 
 def test_decoy_rows_have_the_clear_rows_norms_and_do_not_stand_out(tmp_path):
-    """Each decoy row mixes two clear rows; a mix of two rows has a narrower spread of norms than
-    the rows themselves, and a row classifier on (spread, norm) found that (MiniLM: AUC 0.65).
-    Decoy rows now take the norm of a third clear row drawn at random."""
+    """Each decoy row mixes two clear rows; a mix of two random rows has a narrower spread of
+    norms than the rows themselves, and a row classifier on (spread, norm) found that (MiniLM:
+    AUC 0.65).  Partners are now of like norm."""
     from layerlock.shared.assess import detect, locked_masks
 
     rng = np.random.default_rng(7)
