@@ -383,6 +383,12 @@ def verdict(report: Report) -> str:
     if at_chance and worst <= RU_GOAL and (auc is None or auc <= 0.6):
         over = "the base" if a0_row is not None and a0_row.alternative > report.chance else "chance"
         return f"strong: the locked file gives nothing over {over} and no attack recovers more than {RU_GOAL:.0%}"
+    if at_chance and worst <= RU_GOAL and auc is not None:
+        kind = report.detector.get("kind_auc")
+        why = (f"; {kind:.2f} on the original: the choice of tensors, not the decoys"
+               if kind is not None and kind >= auc else "")
+        return (f"fair: no attack recovers more than {RU_GOAL:.0%}, but per-tensor statistics tell the locked "
+                f"tensors (AUC {auc:.2f}{why})")
     if worst <= 0.25:
         return f"fair: the worst attack recovers {worst:.0%} of what the model adds"
     return f"weak: the worst attack recovers {worst:.0%} of what the model adds; lock more (or use --base)"

@@ -16,7 +16,7 @@ import safetensors.numpy as stnp
 from click.testing import CliRunner
 
 from layerlock.license_server.cli import main
-from layerlock.shared.assess import assess, detect, load_task, locked_masks, residual
+from layerlock.shared.assess import Report, Row, assess, detect, load_task, locked_masks, residual, verdict
 from layerlock.shared.errors import InvalidInput
 
 
@@ -66,6 +66,17 @@ def test_detector_reports_what_the_choice_of_tensors_gives_away():
     det = detect(locked, masks, original=orig)
     assert det["kind_auc"] > 0.9 and det["auc"] > 0.9
     assert "kind_auc" not in detect(locked, masks)
+
+
+@pytest.mark.parametrize(("detector", "words"), [
+    ({"auc": 0.55}, "strong"),
+    ({"auc": 0.70, "kind_auc": 0.76}, "tell the locked tensors (AUC 0.70; 0.76 on the original: the choice"),
+    ({"auc": 0.80, "kind_auc": 0.60}, "tell the locked tensors (AUC 0.80)"),
+])
+def test_verdict_says_why_a_lock_with_no_attack_above_goal_is_only_fair(detector, words):
+    rows = [Row("A0", "locked file as shipped", 0.0, 0.05, 0.021, 0.03), Row("A2", "whole model", 0.1, 0.3, 0.3, -0.1)]
+    report = Report("t", 0.021, 0.97, 0.3, 4, rows, detector, 1.0, 3)
+    assert words in verdict(report)
 
 
 def test_digits_battery_every_attack(digits_model, tmp_path):
