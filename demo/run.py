@@ -203,6 +203,10 @@ def main(data_dir: Path, port: int = 8700) -> int:
     demo = Demo(data_dir, _free_port(port))
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # "Ctrl-C stops everything" even when started from a script that put it in the background:
+    # a shell without job control starts background commands with SIGINT ignored, which Python
+    # then leaves ignored.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         demo.run()
     except KeyboardInterrupt:
@@ -210,4 +214,5 @@ def main(data_dir: Path, port: int = 8700) -> int:
     finally:
         demo.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return 0
