@@ -163,7 +163,8 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
     base = load_base(Path(policy.base), out_dir) if policy.base is not None else None
     with mapped(plain) as plan_view:
         plan = make_plan(plain, plan_view, policy, infos, base)
-        secret = _choose_fingerprint(model_id, plan, plain, plan_view, policy) if policy.fingerprint else None
+        secret = _choose_fingerprint(model_id, plan, plain, plan_view, policy, src.name, progress) \
+            if policy.fingerprint else None
     fp_index = {s.tensor: s.index for s in secret.sites} if secret is not None else None
     locked = [lk.info for lk in plan.locks]  # file order, empties first
     runs = {lk.name: r for lk in plan.locks if (r := lk.byte_runs()) is not None}
@@ -240,7 +241,7 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
 
 
 def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, view: memoryview,
-                        policy: LockPolicy) -> Secret | None:
+                        policy: LockPolicy, name: str, progress: bool) -> Secret | None:
     """Fingerprint positions among the plan's locked float elements (None: too little locked).
 
     With ``policy.fingerprint_task`` the positions go where that task's loss is flattest
@@ -257,7 +258,7 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
 
     sensitivity = None
     if policy.fingerprint_task is not None:
-        from layerlock.shared.sensitivity import fisher
+        from layerlock.shared.sensitivity import BATCHES, fisher
 
         tensors = {}
         for t in plain.tensors:
@@ -265,7 +266,13 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
             if arr is not None:
                 tensors[t.name] = np.array(arr)  # a copy: the mapping closes after protect
             del arr
-        costs = fisher(policy.fingerprint_task, tensors, list(locks))
+        bar = _bar(BATCHES, name, progress, unit="batch", desc=f"sensitivity of {name} ({policy.fingerprint_task})")
+        try:
+            costs = fisher(policy.fingerprint_task, tensors, list(locks),
+                           on_batch=(lambda: bar.update(1)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         del tensors
 
         def sensitivity(name: str) -> np.ndarray:
@@ -314,12 +321,12 @@ class _Bar(Progress, Protocol):
     def close(self) -> object: ...
 
 
-def _bar(total: int, name: str, progress: bool) -> _Bar | None:
+def _bar(total: int, name: str, progress: bool, *, unit: str = "B", desc: str | None = None) -> _Bar | None:
     if not progress or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    bar: _Bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"locking {name}", file=sys.stderr,
+    bar: _Bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc or f"locking {name}", file=sys.stderr,
                      delay=0.5, leave=False)
     return bar
 

@@ -21,7 +21,7 @@ and data; nothing it computes is stored beyond the positions it picks.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,15 +31,16 @@ from layerlock.shared.errors import InvalidInput
 BATCHES = 64  # mini-batch gradients summed: the ranking is stable from ~20 on (digits: 22 vs 200 agree)
 
 
-def fisher(task_spec: str, tensors: Mapping[str, np.ndarray], names: Collection[str], *,
-           batches: int = BATCHES, seed: int = 0) -> dict[str, np.ndarray]:
+def fisher(task_spec: str, tensors: Mapping[str, np.ndarray], names: Collection[str], *, batches: int = BATCHES,
+           seed: int = 0, on_batch: Callable[[], object] | None = None) -> dict[str, np.ndarray]:
     """Per-element ``Σ (∂loss/∂w)²`` (flat float64) for each tensor in ``names``.
 
     ``tensors`` is the whole model (name -> array); the task builds it, draws ``batches`` batches
     of all its training data (``data(1.0, seed)``) and back-propagates its loss.  A tensor the
     loss does not reach gets zeros (perturbing it changes nothing the task measures).  A task that
     cannot be loaded, a ``build`` whose parameters are not named like the file's tensors, or a
-    loss that is not a finite scalar: InvalidInput naming the task."""
+    loss that is not a finite scalar: InvalidInput naming the task.  ``on_batch`` is called after
+    each batch (a progress bar: on a large model this is the slow part of protect)."""
     from layerlock.shared.assess import load_task
 
     if batches < 1:
@@ -75,6 +76,8 @@ def fisher(task_spec: str, tensors: Mapping[str, np.ndarray], names: Collection[
                 grad = params[n].grad
                 if grad is not None:
                     out[n] += grad.detach().double().numpy().ravel() ** 2
+            if on_batch is not None:
+                on_batch()
     except (InvalidInput, KeyboardInterrupt):
         raise
     except StopIteration:

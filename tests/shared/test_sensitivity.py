@@ -182,3 +182,11 @@ def test_cli_bad_task_writes_nothing(digits, tmp_path, args, code, message):
                                   str(out), *args])
     assert r.exit_code == code and message in r.stderr, r.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_fisher_reports_each_batch_for_the_progress_bar(digits):
+    calls: list[int] = []
+    fisher("digits", stnp.load_file(digits), ["fc1.weight"], batches=5, on_batch=lambda: calls.append(1))
+    assert len(calls) == 5
+    with pytest.raises(InvalidInput, match="at least one batch"):
+        fisher("digits", stnp.load_file(digits), ["fc1.weight"], batches=0)
