@@ -79,6 +79,7 @@ class Lock:
     part: str = "whole"
     decoy: str = "random"  # "random" | "base"
     change: float | None = None  # with a base: relative change of the tensor (how much it matters)
+    head: bool = False  # the output head (default policy): its weights move the outputs directly
 
     @property
     def name(self) -> str:
@@ -277,7 +278,7 @@ def _default_plan(plain: PlainModel, infos: dict[str, TensorInfo], view: memoryv
         locks.append(_input_lock(infos[name], view, in_out, is_embedding(name, infos[name])))
     weights = [n for n in ordered(list(infos), order) if is_weight(infos[n]) and not is_embedding(n, infos[n])]
     if weights and weights[-1] not in first and infos[weights[-1]].numel <= HEAD_CAP * total:
-        locks.append(Lock(infos[weights[-1]], None, "whole (the output head)"))
+        locks.append(Lock(infos[weights[-1]], None, "whole (the output head)", head=True))
     later = [n for n in ordered(list(infos), order) if n not in first and is_weight(infos[n])
              and all(lk.name != n for lk in locks)]
     for name in later:  # a tiny input layer (a 3-channel convolution): continue down the model

@@ -28,7 +28,7 @@ from layerlock.shared.restore import restore, write_fingerprint
 from layerlock.shared.selection import LockPolicy
 from layerlock.shared.sensitivity import fisher
 
-LICENSES = 96
+LICENSES = 192
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +77,18 @@ def test_task_placed_positions_change_far_fewer_predictions(digits, tmp_path):
         secret = fp.Secret.from_bytes(res.fingerprint)
         positions[task] = secret
         changed[task] = sum(int(np.sum(predict(_copy(res, lic), x_test) != original)) for lic in ids)
-    # 70 % of the positions, every one among the larger weights (magnitude pruning keeps them)
-    assert positions["digits"].n == round(positions[None].n * fp.TASK_SHARE)
+    # data-free: the larger half of the locked weights off the output head (fc1 only); by task: 70 %
+    # of the larger half of all locked weights (head included), every one among the larger weights
+    # (magnitude pruning keeps them)
+    assert {s.tensor for s in positions[None].sites} == {"fc1.weight"}
+    assert positions["digits"].n == round(fp.TASK_SHARE * (res.locked_params // 2))
     for site in positions["digits"].sites:
         rel = np.abs(tensors[site.tensor]).ravel() / tensors[site.tensor].std()
         assert rel[site.index].min() >= np.quantile(rel, 0.2)
-    # measured (bench/trace.py, 1,024 licenses): 0.54 changed held-out digits per license without the
-    # task, 0 with it
-    assert changed[None] >= 20, changed
-    assert changed["digits"] * 5 <= changed[None], changed
+    # measured (bench/trace.py, 1,024 licenses): 0.13 changed held-out digits per license without the
+    # task (0.70 with positions on the head too), 0 with it
+    assert changed[None] >= 8, changed
+    assert changed["digits"] * 4 <= changed[None], changed
 
 
 def _pool(n: int = 1000, tensors: int = 2):
