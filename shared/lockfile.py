@@ -241,7 +241,7 @@ def _protect_plain(plain: formats.PlainModel, src: Path, out_dir: Path, model_id
 
 
 def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, view: memoryview,
-                        policy: LockPolicy, name: str, progress: bool) -> Secret | None:
+                        policy: LockPolicy, source: str, progress: bool) -> Secret | None:
     """Fingerprint positions among the plan's locked float elements (None: too little locked).
 
     With ``policy.fingerprint_task`` the positions go where that task's loss is flattest
@@ -266,7 +266,8 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
             if arr is not None:
                 tensors[t.name] = np.array(arr)  # a copy: the mapping closes after protect
             del arr
-        bar = _bar(BATCHES, name, progress, unit="batch", desc=f"sensitivity of {name} ({policy.fingerprint_task})")
+        bar = _bar(BATCHES, source, progress, unit="batch",
+                   desc=f"sensitivity of {source} ({policy.fingerprint_task})")
         try:
             costs = fisher(policy.fingerprint_task, tensors, list(locks),
                            on_batch=(lambda: bar.update(1)) if bar is not None else None)
@@ -282,8 +283,8 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
     key = secrets.token_bytes(32)
     if sensitivity is None and any(lk.head for lk in locks.values()):
         # Without data, keep the fingerprint off the output head when there is enough elsewhere: a
-        # head weight moves the outputs directly (digits: 0.70 changed predictions per license with
-        # positions on the head, 0.14 without; README "Trace a leak").
+        # head weight moves the outputs directly (digits: 0.68 changed predictions per license with
+        # positions on the head, 0.13 without; README "Trace a leak").
         body = {n: v for n, v in shapes.items() if not locks[n].head}
         secret = choose_fingerprint(model_id, body, load, key, strength=policy.fingerprint_strength)
         if secret is not None:
