@@ -260,14 +260,16 @@ def _random_values(arr: np.ndarray[Any, Any], mask: np.ndarray[Any, Any] | None,
         # sqrt(t), sqrt(1 - t): the spread is kept) plus a little noise -- row statistics (norms,
         # spreads, the outlier dimensions such tables have) look like the clear rows', and the
         # values are none of theirs.  The first row is drawn at random, its partner among the
-        # 16 clear rows nearest to it in norm: a mix of two random rows has a narrower spread of
-        # norms than the rows themselves, which a row classifier on spread and norm found (AUC
-        # 0.65 on MiniLM; 0.51 with partners of like norm).
+        # 16 other clear rows nearest to it in norm (never itself: a row mixed with itself is a
+        # scaled copy): a mix of two random rows has a narrower spread of norms than the rows
+        # themselves, which a row classifier on spread and norm found (AUC 0.65 on MiniLM; 0.51
+        # with partners of like norm).
         clear_rows = rows[~by_row.any(axis=1)]
         n, width = int(by_row.all(axis=1).sum()), rows.shape[1]
         by_norm = np.argsort(np.linalg.norm(clear_rows, axis=1), kind="stable")
         pick = rng.integers(0, len(clear_rows), size=n)
-        near = np.clip(pick + rng.integers(-8, 9, size=n), 0, len(clear_rows) - 1)
+        step = rng.integers(1, 9, size=n) * rng.choice([-1, 1], size=n)  # 8 ranks either side, not 0
+        near = np.where((pick + step >= 0) & (pick + step < len(clear_rows)), pick + step, pick - step)
         a, b = clear_rows[by_norm[pick]], clear_rows[by_norm[near]]
         t = rng.random((n, 1))
         jitter = rng.standard_normal((n, width)) * (0.05 * clear_rows.std(axis=0, keepdims=True))

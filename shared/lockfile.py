@@ -64,7 +64,7 @@ from layerlock.shared.bundle import (
     representable,
 )
 from layerlock.shared.chunks import KEY_BYTES, LockedMac, Progress, subkeys, write_sealed
-from layerlock.shared.decoys import read_array, write_plan_decoys
+from layerlock.shared.decoys import write_plan_decoys
 from layerlock.shared.errors import BundleFormatError, InvalidInput, LockError
 from layerlock.shared.fingerprint import FLOAT as FINGERPRINT_DTYPES
 from layerlock.shared.fingerprint import Secret, from_float, to_float
@@ -72,7 +72,7 @@ from layerlock.shared.fingerprint import choose as choose_fingerprint
 from layerlock.shared.fingerprint import step as step_value
 from layerlock.shared.formats import TensorInfo, create_new
 from layerlock.shared.ids import is_model_id
-from layerlock.shared.plan import Plan, describe, load_base, make_plan, mapped
+from layerlock.shared.plan import Plan, describe, load_base, make_plan, mapped, tensors_of
 from layerlock.shared.restore import restore, restore_to
 from layerlock.shared.selection import LockPolicy
 
@@ -245,7 +245,9 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
     """Fingerprint positions among the plan's locked float elements (None: too little locked).
 
     With ``policy.fingerprint_task`` the positions go where that task's loss is flattest
-    (:mod:`layerlock.shared.sensitivity`); the whole model is then read into memory once."""
+    (:mod:`layerlock.shared.sensitivity`); the task builds its model from the mapping (one copy
+    of the model in memory).  Locked tensors that are not parameters of the task's model (a
+    float buffer) carry no positions then: their cost is unknown."""
     locks = {lk.name: lk for lk in plan.locks if lk.info.dtype in FINGERPRINT_DTYPES}
 
     def load(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -260,12 +262,7 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
     if policy.fingerprint_task is not None:
         from layerlock.shared.sensitivity import BATCHES, fisher
 
-        tensors = {}
-        for t in plain.tensors:
-            arr = read_array(view, t)
-            if arr is not None:
-                tensors[t.name] = np.array(arr)  # a copy: the mapping closes after protect
-            del arr
+        tensors = tensors_of(plain, view, copy=False)  # views: the task's build() copies them
         bar = _bar(BATCHES, source, progress, unit="batch",
                    desc=f"sensitivity of {source} ({policy.fingerprint_task})")
         try:
@@ -275,9 +272,8 @@ def _choose_fingerprint(model_id: str, plan: Plan, plain: formats.PlainModel, vi
             if bar is not None:
                 bar.close()
         del tensors
-
-        def sensitivity(name: str) -> np.ndarray:
-            return costs.get(name, np.zeros(locks[name].info.numel))
+        locks = {name: lk for name, lk in locks.items() if name in costs}
+        sensitivity = costs.__getitem__
 
     shapes = {name: (lk.info.dtype, tuple(lk.info.shape), lk.elements) for name, lk in locks.items()}
     key = secrets.token_bytes(32)

@@ -153,16 +153,22 @@ def read_tensors(path: Path, workdir: Path, weights: Path | None = None) -> dict
     plain = formats.open_plain(Path(path), workdir, weights)
     try:
         with mapped(plain) as view:
-            out = {}
-            for t in plain.tensors:
-                arr = read_array(view, t)
-                if arr is not None:
-                    out[t.name] = np.array(arr)  # a copy: the mapping closes
-                del arr  # no view of the mapping may outlive it
-            return out
+            return tensors_of(plain, view, copy=True)  # copies: the mapping closes
     finally:
         if plain.temporary:
             plain.path.unlink(missing_ok=True)
+
+
+def tensors_of(plain: PlainModel, view: memoryview, *, copy: bool) -> dict[str, np.ndarray]:
+    """Every readable tensor of ``plain`` (mapped as ``view``); without ``copy``, views of the
+    mapping, which the caller must drop before it closes."""
+    out = {}
+    for t in plain.tensors:
+        arr = read_array(view, t)
+        if arr is not None:
+            out[t.name] = np.array(arr) if copy else arr
+        del arr
+    return out
 
 
 def execution_order(plain: PlainModel) -> list[str] | None:

@@ -36,8 +36,9 @@ def fisher(task_spec: str, tensors: Mapping[str, np.ndarray], names: Collection[
     """Per-element ``Σ (∂loss/∂w)²`` (flat float64) for each tensor in ``names``.
 
     ``tensors`` is the whole model (name -> array); the task builds it, draws ``batches`` batches
-    of all its training data (``data(1.0, seed)``) and back-propagates its loss.  A tensor the
-    loss does not reach gets zeros (perturbing it changes nothing the task measures).  A task that
+    of all its training data (``data(1.0, seed)``) and back-propagates its loss.  A parameter the
+    loss does not reach gets zeros (perturbing it changes nothing the task measures); a name that
+    is not a parameter of the task's model (a buffer) is left out: its cost is unknown.  A task that
     cannot be loaded, a ``build`` whose parameters are not named like the file's tensors, or a
     loss that is not a finite scalar: InvalidInput naming the task.  ``on_batch`` is called after
     each batch (a progress bar: on a large model this is the slow part of protect)."""
@@ -51,7 +52,7 @@ def fisher(task_spec: str, tensors: Mapping[str, np.ndarray], names: Collection[
     except ImportError:
         raise InvalidInput("--fingerprint-task needs PyTorch: pip install 'layerlock[torch]'") from None
     try:
-        model = task.build({k: np.asarray(v) for k, v in tensors.items()})
+        model = task.build(dict(tensors))
         params = dict(model.named_parameters())
     except InvalidInput:
         raise
@@ -62,7 +63,7 @@ def fisher(task_spec: str, tensors: Mapping[str, np.ndarray], names: Collection[
     if wanted and not known:
         raise InvalidInput(f"task {task_spec}: its model has no parameter named like the file's tensors "
                            f"(e.g. {wanted[0]!r}); build() must keep the state dict's names")
-    out = {n: np.zeros(int(np.asarray(tensors[n]).size), dtype=np.float64) for n in wanted}
+    out = {n: np.zeros(tensors[n].size, dtype=np.float64) for n in known}
     torch.manual_seed(seed)
     try:
         stream = iter(task.module.batches(task.module.data(1.0, seed), seed))

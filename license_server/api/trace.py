@@ -40,8 +40,9 @@ bp = Blueprint("trace", __name__)
 MAX_CANDIDATES = 2
 RANKED = 10  # named licenses listed in the answer at most, best first
 STATISTIC = ("normalized correlation z = sum(s_i * y_i) / ||y||, y_i = clip((x_i - w_i) / delta_i, -3, 3) at the "
-             "fingerprint positions, s_i = the license's +-1 chips (AES-256-CTR keystream under the model's key); "
-             "max over the submitted alignments; Hoeffding: P(innocent license >= z) <= K * L * exp(-z^2 / 2)")
+             "fingerprint positions (0 where x_i is missing, or exactly 0 with w_i not: pruned), s_i = the "
+             "license's +-1 chips (AES-256-CTR keystream under the model's key); max over the submitted alignments; "
+             "Hoeffding: P(innocent license >= z) <= K * L * exp(-z^2 / 2)")
 
 
 def _secret(model_id: str) -> Secret:

@@ -52,7 +52,7 @@ def trace(client: ApiClient, as_json: bool, suspect: Path, model_id: str, origin
     bound is the same (the weighting uses no license's chips); ORIGINAL must be the unprotected
     model, not a license's copy.
     """
-    from layerlock.shared.fingerprint import extract, informed
+    from layerlock.shared.fingerprint import INFORMED_CLIP, extract, informed
 
     tensors = _read(suspect)
     base = _read(original) if original is not None else None
@@ -73,7 +73,8 @@ def trace(client: ApiClient, as_json: bool, suspect: Path, model_id: str, origin
     doc["detection"] = "informed" if original is not None else "uninformed"
     if original is not None:
         doc["original"] = original.name
-        doc["residual"] = ("informed: the values sent are w + delta * a, a = (delta/sigma) * clip(d/sigma, -2, 2), "
+        doc["residual"] = ("informed: the values sent are w + delta * a, a = (delta/sigma) * "
+                           f"clip(d/sigma, -{INFORMED_CLIP:g}, {INFORMED_CLIP:g}), "
                            "d = suspect - original at the position, sigma^2 = delta^2 + a rank-one fit of d^2 over "
                            "the tensor's other elements; so y = a in the statistic")
     if as_json:

@@ -187,6 +187,40 @@ def test_cli_bad_task_writes_nothing(digits, tmp_path, args, code, message):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_cli_task_that_fails_while_measuring_writes_nothing(digits, tmp_path):
+    """A task that imports but fails in loss(): one error line, exit 1, no key and no output files."""
+    task = tmp_path / "task.py"
+    task.write_text("from layerlock.demo.digits_task import *\n" + TASKS["raises"])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["protect", str(digits), "--intake-key", str(_intake(tmp_path)), "--out-dir",
+                                  str(out), "--fingerprint-task", str(task)])
+    assert r.exit_code == 1, r.output
+    assert "RuntimeError: out of cheese" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_task_with_a_raw_key_is_a_usage_error(digits, tmp_path):
+    r = CliRunner().invoke(main, ["protect", str(digits), "--data-key-out", str(tmp_path / "k"), "--out-dir",
+                                  str(tmp_path / "out"), "--fingerprint-task", "digits"])
+    assert r.exit_code == 2 and "not with --no-fingerprint or --data-key-out" in r.stderr, r.output
+    assert not (tmp_path / "k").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_locked_tensor_that_is_no_parameter_of_the_task_model_gets_no_cost(digits, tmp_path):
+    """A float buffer's effect on the loss is not measured: it is left out, not priced at 0."""
+    task = tmp_path / "buffer_task.py"
+    task.write_text("from layerlock.demo.digits_task import *\n"
+                    "from layerlock.demo import digits_task as _d\n"
+                    "def build(tensors):\n"
+                    "    m = _d.build(tensors)\n"
+                    "    w = m.fc3.weight.detach().clone()\n"
+                    "    del m.fc3.weight\n"
+                    "    m.fc3.register_buffer('weight', w)\n"
+                    "    return m\n")
+    cost = fisher(str(task), stnp.load_file(digits), ["fc1.weight", "fc3.weight"], batches=4)
+    assert set(cost) == {"fc1.weight"} and cost["fc1.weight"].sum() > 0
+
+
 def test_fisher_reports_each_batch_for_the_progress_bar(digits):
     calls: list[int] = []
     fisher("digits", stnp.load_file(digits), ["fc1.weight"], batches=5, on_batch=lambda: calls.append(1))
