@@ -75,8 +75,10 @@ def create_app(config: ServerConfig, *, redis_client: RedisClient | None = None)
     app.extensions["layerlock"] = svc
     try:
         svc.ensure_bootstrap()
-    except (*REDIS_DOWN, Unavailable):  # Redis down, or the bootstrap key not yet confirmed by a replica
-        log.warning("redis unreachable at startup; will retry", extra={"fields": {"event": "startup"}})
+    except (*REDIS_DOWN, Unavailable) as exc:  # Redis down, or the bootstrap key not yet confirmed by a replica
+        # the cause, too: a cluster URL naming a plain Redis, or a wrong password, also lands here
+        log.warning("redis unreachable at startup; will retry",
+                    extra={"fields": {"event": "startup", "cause": _cause(exc)}})
 
     from layerlock.license_server.api import (
         activation,
@@ -125,11 +127,18 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _other(err: Exception) -> Response:
         if isinstance(err, REDIS_DOWN):
+            log.warning("redis unreachable", extra={"fields": {"event": "redis_down", "cause": _cause(err)}})
             return _error(Unavailable("the license database is unreachable; retry shortly"))
         log.exception("unhandled error", extra={"fields": {"event": "error", "path": request.path}})
         resp = jsonify({"error": "internal", "message": "internal server error"})
         resp.status_code = 500
         return resp
+
+
+def _cause(exc: BaseException) -> str:
+    """An exception's type and first line, for a log field (Redis errors name hosts, not secrets)."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _register_logging(app: Flask) -> None:
