@@ -262,7 +262,7 @@ def _random_values(arr: np.ndarray[Any, Any], mask: np.ndarray[Any, Any] | None,
         # values are none of theirs.  The first row is drawn at random, its partner among the
         # 16 other clear rows nearest to it in norm (never itself: a row mixed with itself is a
         # scaled copy): a mix of two random rows has a narrower spread of norms than the rows
-        # themselves, which a row classifier on spread and norm found (AUC 0.65 on MiniLM; 0.51
+        # themselves, which a row classifier on spread and norm found (AUC 0.65 on MiniLM; 0.54
         # with partners of like norm).
         clear_rows = rows[~by_row.any(axis=1)]
         n, width = int(by_row.all(axis=1).sum()), rows.shape[1]
