@@ -8,6 +8,14 @@ is compared, to show throughput does not depend on fleet size.  The empty and th
 run as two identical stacks (own Redis, own gunicorn) measured in alternating rounds, so drift
 in the host's load (a shared box) hits both alike; the best of the rounds is reported.
 
+The empty stack also serves ``POST /bench/floor`` (``bench/floor_wsgi.py``, unless ``--no-floor``):
+the least any activation with the same guarantees must do (parse, one Redis read, the Ed25519
+check of the request, a signed JWT, one atomic nonce + counter + audit write).  ``floor ÷ ping``
+says how far this host and stack let *any* activation go; ``activate ÷ floor`` what the
+decision's rules, guards and full audit record cost on top.  Every ratio is printed twice: from
+the rates, and from the server + Redis CPU per request (``*_cpu``), which is steadier when other
+jobs share the cores.
+
     python bench/activate.py [--client wrk|python] [--duration 5] [--connections 16]
                              [--requests 2000] [--clients 2] [--threads 8] [--workers N]
 
@@ -47,6 +55,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CLI = "layerlock.license_server.cli"
 WSGI_APP = "layerlock.license_server.wsgi:app"
+#: The same app plus ``POST /bench/floor`` (bench/floor_wsgi.py): the least an activation must do.
+FLOOR_APP = "bench.floor_wsgi:app"
 sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
@@ -187,7 +197,7 @@ class Stack:
                 proc.kill()
 
 
-def start_stack(tmp: Path, workers: int, server_threads: int | None = None) -> Stack:
+def start_stack(tmp: Path, workers: int, server_threads: int | None = None, wsgi_app: str = WSGI_APP) -> Stack:
     tmp.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERLOCK_")}
     env["PYTHONPATH"] = str(REPO)
@@ -215,7 +225,7 @@ def start_stack(tmp: Path, workers: int, server_threads: int | None = None) -> S
             genv["LAYERLOCK_THREADS"] = str(server_threads)
         with open(tmp / "gunicorn.log", "wb") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
-                                           str(REPO / "deploy" / "gunicorn.conf.py"), WSGI_APP],
+                                           str(REPO / "deploy" / "gunicorn.conf.py"), wsgi_app],
                                           env=genv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                                           stderr=log))
         for _ in range(300):
@@ -271,6 +281,8 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5, help="wrk: whole seconds per run")
     ap.add_argument("--connections", type=int, default=None, help="wrk: connections (default clients*threads)")
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk: threads (one keeps the client's CPU small)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the floor series (bench/floor_wsgi.py: what any activation must cost)")
     ap.add_argument("--max-rate", type=int, default=5000,
                     help="wrk: activation bodies generated per run = max-rate * duration (nonces are single-use)")
     args = ap.parse_args()
@@ -287,7 +299,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llbench-"))
     stacks: list[Stack] = []
     try:
-        empty = start_stack(tmp / "empty", args.workers, args.server_threads)
+        empty = start_stack(tmp / "empty", args.workers, args.server_threads,
+                            WSGI_APP if args.no_floor else FLOOR_APP)
         stacks.append(empty)
         loaded = start_stack(tmp / "loaded", args.workers, args.server_threads)
         stacks.append(loaded)
@@ -301,6 +314,8 @@ def main() -> None:
               f"Redis memory +{(mem1 - mem0) / 2**20:.0f} MB")
         series = {"ping": (empty, "GET", "/v1/ping"), "activate": (empty, "POST", "/v1/activate"),
                   "ping_100k": (loaded, "GET", "/v1/ping"), "activate_100k": (loaded, "POST", "/v1/activate")}
+        if not args.no_floor:
+            series["floor"] = (empty, "POST", "/bench/floor")
 
         def measure(stack: Stack, method: str, path: str, count: int, seconds: int,
                     strict: bool = True) -> dict[str, float]:
@@ -322,6 +337,8 @@ def main() -> None:
         for stack in (empty, loaded):  # warm-up: connections, imports, caches
             measure(stack, "GET", "/v1/ping", 200, 1, strict=False)
             measure(stack, "POST", "/v1/activate", 200 if client == "python" else 2000, 1, strict=False)
+        if not args.no_floor:
+            measure(empty, "POST", "/bench/floor", 200 if client == "python" else 2000, 1, strict=False)
         best: dict[str, dict[str, float]] = {}
         non200: dict[str, int] = {}
         rounds_seen: dict[str, list[float]] = {}
@@ -336,6 +353,9 @@ def main() -> None:
                                               for k, v in rounds_seen.items()))
         for name in series:
             show("100k fleet" if name.endswith("100k") else "empty fleet", name.split("_")[0], best[name])
+        if "floor" in best:
+            print("floor: parse + one read + Ed25519 verify + signed JWT + one atomic nonce/count/audit write "
+                  "(bench/floor_wsgi.py) -- what any activation with these guarantees costs here")
         if client == "wrk":
             print(f"(workers={args.workers} gthread, client=wrk -t{args.wrk_threads} -c{conns} -d{args.duration}s, "
                   f"requests per run: " + ", ".join(f"{k}={int(v['requests'])}" for k, v in best.items()) +
@@ -350,6 +370,14 @@ def main() -> None:
             figures[f"{name}_p50_ms"] = round(res["p50_ms"], 2)
             figures[f"{name}_p99_ms"] = round(res["p99_ms"], 2)
         figures["activate_over_ping"] = round(best["activate"]["rps"] / best["ping"]["rps"], 3)
+        # the same ratios from server + Redis CPU per request: steadier than rates on a shared box
+        cpu = {k: v["server_cpu_ms_per_req"] for k, v in best.items()}
+        figures["activate_over_ping_cpu"] = round(cpu["ping"] / cpu["activate"], 3)
+        if "floor" in best:
+            figures["floor_over_ping"] = round(best["floor"]["rps"] / best["ping"]["rps"], 3)
+            figures["floor_over_ping_cpu"] = round(cpu["ping"] / cpu["floor"], 3)
+            figures["activate_over_floor"] = round(best["activate"]["rps"] / best["floor"]["rps"], 3)
+            figures["activate_over_floor_cpu"] = round(cpu["floor"] / cpu["activate"], 3)
         figures["activate_100k_over_empty"] = round(best["activate_100k"]["rps"] / best["activate"]["rps"], 3)
         figures["bulk_load_s"] = round(load_s, 1)
         figures["redis_100k_MB"] = round((mem1 - mem0) / 2**20, 1)

@@ -1,0 +1,76 @@
+"""The real server app plus ``POST /bench/floor``: the least any activation with layerlock's
+guarantees must do, for ``bench/activate.py --floor`` (never deployed: bench only).
+
+Why: ``activation ÷ ping`` depends as much on what the cheapest possible activation costs on
+this host as on the server's own code.  The floor endpoint keeps only what no design can drop:
+
+* the same body parsing and shape checks as ``/v1/activate`` (``body`` + ``parse_request``);
+* one Redis round trip to read the machine's enrolled key (a Lua script, like the real read);
+* the Ed25519 check of the request signature (proof of the machine key);
+* the Ed25519-signed JWT with the same claims and the same size of ``wk`` (a cached seal, as the
+  real server reuses one);
+* one Redis round trip that burns the nonce, counts the request and appends a SHA-256-chained
+  audit entry, atomically (a Lua script, like the real commit).
+
+What it leaves out, and the real endpoint does: the decision's rules (status, expiry, seats,
+device, rate budgets, suites), the guards that make a grant lose to a concurrent revocation,
+the full audit record, metrics and webhooks.  The gap between the two is what those cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any
+
+from layerlock.license_server.api.activation import _sig_key
+from layerlock.license_server.api.common import body
+from layerlock.license_server.app import services
+from layerlock.license_server.store import machines
+from layerlock.license_server.store.audit import GENESIS
+from layerlock.license_server.store.guards import machine_counter, nonce_key
+from layerlock.license_server.wsgi import app
+from layerlock.shared.activation import FIELDS, parse_request, verify_signature
+from layerlock.shared.errors import ActivationDenied, Denial
+from layerlock.shared.tokens import AUDIENCE, LicenseClaims, sign_token
+
+_READ = "return {redis.call('HGET', KEYS[1], 'sig_pub') or '', redis.call('GET', KEYS[2]) or ARGV[1]}"
+_WRITE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 180) then return 0 end
+redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], 120)
+redis.call('XADD', KEYS[3], '*', 'rec', ARGV[1], 'h', ARGV[2])
+redis.call('SET', KEYS[4], ARGV[2])
+return 1
+"""
+_HEAD, _STREAM = "{ll}bench:floor:head", "{ll}bench:floor:audit"
+_WK = secrets.token_urlsafe(150)  # a sealed 32-byte key plus fingerprint values is ~200 characters
+
+
+def _scripts() -> tuple[Any, Any]:
+    r = services().redis
+    if "floor" not in app.extensions:
+        app.extensions["floor"] = (r.register_script(_READ), r.register_script(_WRITE))
+    return app.extensions["floor"]  # type: ignore[no-any-return]
+
+
+@app.post("/bench/floor")
+def floor() -> dict[str, Any]:
+    req = parse_request(body(FIELDS))
+    read, write = _scripts()
+    sig_pub, head = read(keys=[machines.key(req.machine), _HEAD], args=[GENESIS])
+    if not sig_pub:
+        raise ActivationDenied(Denial.UNKNOWN_MACHINE, "unknown machine")
+    verify_signature(req, _sig_key(sig_pub))
+    svc = services()
+    iat = int(time.time())
+    claims = LicenseClaims(iss=svc.config.issuer, aud=AUDIENCE, sub=req.machine, lic="lic_" + "0" * 24,
+                           mdl=req.model, iat=iat, nbf=iat, exp=iat + 3 * 86400, jti=secrets.token_hex(12),
+                           wk=_WK, suite="x25519", rna=iat + 57600)
+    keys = svc.keys.current
+    token = sign_token(claims, keys.signing, kid=keys.kid)
+    record = f'{{"machine":"{req.machine}","model":"{req.model}","jti":"{claims.jti}","prev":"{head}"}}'
+    if not write(keys=[nonce_key(req.machine, req.nonce), machine_counter(req.machine), _STREAM, _HEAD],
+                 args=[record, hashlib.sha256(record.encode()).hexdigest()]):
+        raise ActivationDenied(Denial.REPLAY, "this request was already seen")
+    return {"token": token, "expires_at": claims.exp, "renew_at": claims.rna, "license_id": claims.lic}
