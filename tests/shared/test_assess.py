@@ -16,7 +16,17 @@ import safetensors.numpy as stnp
 from click.testing import CliRunner
 
 from layerlock.license_server.cli import main
-from layerlock.shared.assess import Report, Row, assess, detect, load_task, locked_masks, residual, verdict
+from layerlock.shared.assess import (
+    Report,
+    Row,
+    assess,
+    detect,
+    load_task,
+    locked_masks,
+    residual,
+    resolution_notes,
+    verdict,
+)
 from layerlock.shared.errors import InvalidInput
 
 
@@ -37,6 +47,19 @@ def test_residual_utility():
     assert residual(0.9, 1.0, 0.5) == pytest.approx(0.8)
     assert residual(0.5, 1.0, 0.5) == 0.0 and residual(0.3, 1.0, 0.5) < 0
     assert residual(0.99, 1.0, 0.99) is None  # the file adds nothing over the alternative: undefined
+
+
+def test_a_small_gap_to_the_original_gets_a_note_on_how_coarse_ru_is():
+    rows = [Row("A2", "whole model", 0.01, 0.64, 0.60, residual(0.64, 0.99, 0.60)),
+            Row("C", "start from random values", 0.1, 0.89, 0.899, None),
+            Row("A2", "whole model", 0.1, 0.91, 0.899, residual(0.91, 0.99, 0.899))]
+    notes = resolution_notes(rows, 0.99)
+    assert len(notes) == 1  # 1 %: the gap is 0.39, RU is fine there
+    assert notes[0].startswith("at 10% data") and "0.8990" in notes[0]
+    assert "one point of score is RU 0.11" in notes[0]  # 0.01 / (0.99 - 0.899)
+    assert resolution_notes(rows[:1], 0.99) == []
+    # under MIN_GAP RU is undefined anyway (n/a): no note about its resolution
+    assert resolution_notes([Row("A2", "whole model", 0.1, 0.98, 0.985, None)], 0.99) == []
 
 
 def test_masks_and_detector():
