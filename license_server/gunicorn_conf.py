@@ -231,15 +231,39 @@ def _exposed(addresses: list[str]) -> list[str]:
     return out
 
 
+#: The master's exit status for a configuration that can never work (deploy/layerlock-server.service
+#: tells systemd not to restart on it: waiting does not fix a wrong URL).
+CONFIG_ERROR_EXIT = 2
+
+
+def _checked_config(server: Any) -> Any:
+    """The configuration, checked once in the master before any worker forks: a bad setting, or a
+    Redis URL that can never work (a bad scheme, a cluster URL naming a plain Redis, credentials
+    a cluster node refuses), is one log line and exit status 2 -- not every worker failing to
+    boot with a traceback.  A Redis that is merely down is not an error here (503 until it is up)."""
+    from layerlock.license_server.config import ServerConfig
+    from layerlock.license_server.redis_conn import DeferredCluster, connect
+    from layerlock.shared.errors import ConfigError
+
+    try:
+        cfg = ServerConfig.load()
+        if cfg.redis_url:
+            client = connect(cfg.redis_url, cfg.redis_timeout)
+            if not isinstance(client, DeferredCluster):  # (that one holds no connection yet)
+                client.close()
+    except ConfigError as err:
+        server.log.error("configuration error, not starting: %s", err)
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
+    return cfg
+
+
 def on_starting(server: Any) -> None:
     global _embedded, _background
-    from layerlock.license_server.config import ServerConfig
-
     exposed = _exposed(list(server.cfg.bind or []))
     if exposed:
         server.log.warning("gunicorn is bound to %s: do not expose it directly (slow clients hold its threads); "
                            "put nginx in front (deploy/nginx-tls.conf) and bind to 127.0.0.1", ", ".join(exposed))
-    cfg = ServerConfig.load()
+    cfg = _checked_config(server)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         prom = cfg.data_dir / "prometheus"
         shutil.rmtree(prom, ignore_errors=True)

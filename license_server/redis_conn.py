@@ -30,6 +30,10 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, r
               redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
               # no node of a cluster reachable (raised by the client itself, without a round trip)
               redis.exceptions.RedisClusterException)
+#: What a reachable plain (non-cluster) Redis answers a cluster client (redis-py's message).
+NOT_A_CLUSTER = "Cluster mode is not enabled"
+#: ... and a node that refuses the URL's credentials (WRONGPASS).
+BAD_CREDENTIALS = "invalid username-password pair"
 #: TLS settings a ``rediss+cluster://`` URL may carry in its query (as ``rediss://`` does).
 CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
 
@@ -101,7 +105,18 @@ def _cluster(url: str, opts: dict[str, Any]) -> RedisClient:
 
     try:
         return make()
-    except (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError):
+    except (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError) as err:
+        # A node that answers "not a cluster" or "wrong password" will not change its mind by
+        # waiting: that is the URL's mistake, said at startup rather than as a 503 for every
+        # request (a node that is down may come up: that one is deferred)
+        where = parsed.netloc.rpartition("@")[2]  # never the password
+        if BAD_CREDENTIALS in str(err):
+            raise ConfigError(f"Redis at {where} refused the user name and password of the redis+cluster URL "
+                              f"({BAD_CREDENTIALS!r})") from None
+        if NOT_A_CLUSTER in str(err):
+            raise ConfigError(f"the redis+cluster URL names a Redis that is not in cluster mode ({where} answered "
+                              f"{NOT_A_CLUSTER!r}): use redis://host:port for a single Redis, or point the URL "
+                              "at the cluster's nodes") from None
         return DeferredCluster(make)
 
 

@@ -20,7 +20,7 @@ from layerlock.license_server.store import P
 from layerlock.shared.keys import b64u_decode, x25519_public
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed, seal_for_server
-from tests.conftest import CLI, PYTHON, REPO, _env, free_port
+from tests.conftest import CLI, PYTHON, REPO, RedisServer, _env, free_port
 
 
 def cli(server, *args: str, key: str | None = None):
@@ -185,6 +185,31 @@ def test_serve_with_embedded_redis_persists_and_stops_cleanly(tmp_path):
         assert requests.get(url + f"/v1/machines/{m.code}", headers=headers, timeout=5).status_code == 200
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize(("url", "cause"), [
+    ("cluster://127.0.0.1:{port}", "LAYERLOCK_REDIS_URL must be redis://"),
+    ("redis+cluster://127.0.0.1:{port}", "names a Redis that is not in cluster mode (127.0.0.1:{port} answered"),
+])
+def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_path, url, cause):
+    """Checked once in the gunicorn master: before, every worker failed to boot with a traceback
+    (a cluster URL naming a plain Redis even started, and answered 503 to everything)."""
+    d = tmp_path / "srv"
+    subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
+                   capture_output=True, check=True)
+    plain = RedisServer(tmp_path / "plain")  # a single Redis, whatever LAYERLOCK_TEST_REDIS says
+    plain.start()
+    try:
+        out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind",
+                              f"127.0.0.1:{free_port()}", "--workers", "1", "--redis-url", url.format(port=plain.port)],
+                             env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        plain.stop()
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [json.loads(line) for line in out.stderr.splitlines() if '"ERROR"' in line]
+    assert len(errors) == 1 and errors[0]["msg"].startswith("configuration error, not starting: ")
+    assert cause.format(port=plain.port) in errors[0]["msg"]
+    assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
 
 
 def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server):

@@ -50,6 +50,24 @@ def test_a_bad_cluster_url_is_refused_with_the_reason(url: str, message: str) ->
     assert message in str(err.value)
 
 
+def test_a_cluster_url_naming_a_plain_redis_fails_at_startup(tmp_path: Path) -> None:
+    plain = RedisServer(tmp_path / "plain")
+    plain.start()
+    try:
+        with pytest.raises(ConfigError) as err:  # waiting would not help: a 503 for every request hid it
+            connect(f"redis+cluster://:s3cret@127.0.0.1:{plain.port}", 1.0)
+        assert f"127.0.0.1:{plain.port} answered 'Cluster mode is not enabled'" in str(err.value)
+        assert "use redis://host:port" in str(err.value) and "s3cret" not in str(err.value)
+        with pytest.raises(ConfigError) as err:
+            connect(f"redis+cluster://ops:s3cret@127.0.0.1:{plain.port}", 1.0)
+        assert f"Redis at 127.0.0.1:{plain.port} refused the user name and password" in str(err.value)
+        assert "s3cret" not in str(err.value)
+    finally:
+        plain.stop()
+    # a node that is down may come up: the server still starts, and answers 503 until it does
+    assert type(connect(f"redis+cluster://127.0.0.1:{plain.port}", 1.0)).__name__ == "DeferredCluster"
+
+
 @pytest.fixture(scope="module")
 def on_cluster(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("cluster")
