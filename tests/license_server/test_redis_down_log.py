@@ -1,5 +1,7 @@
-"""A Redis the server cannot use answers 503, and the log says why (a cluster URL naming a plain
-Redis, a wrong password and a dead host all land in the same 503: only the log tells them apart)."""
+"""A Redis the server cannot use answers 503, and the log says why (a wrong password on a single
+Redis and a dead host land in the same 503: only the log tells them apart).  A URL that can never
+work -- a cluster URL naming a plain Redis -- stops the server at start instead (test_cluster.py,
+test_cli.py)."""
 
 from __future__ import annotations
 
