@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 from urllib.parse import parse_qs, urlparse
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.retry import Retry
@@ -30,10 +30,6 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, r
               redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
               # no node of a cluster reachable (raised by the client itself, without a round trip)
               redis.exceptions.RedisClusterException)
-#: What a reachable plain (non-cluster) Redis answers a cluster client (redis-py's message).
-NOT_A_CLUSTER = "Cluster mode is not enabled"
-#: ... and a node that refuses the URL's credentials (WRONGPASS).
-BAD_CREDENTIALS = "invalid username-password pair"
 #: TLS settings a ``rediss+cluster://`` URL may carry in its query (as ``rediss://`` does).
 CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
 
@@ -75,14 +71,41 @@ def is_cluster(r: RedisClient) -> bool:
     return isinstance(r, (RedisCluster, DeferredCluster))
 
 
-def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+def _hosts(netloc: str, default_port: int, *, secret: bool = False) -> list[tuple[str, int]]:
     hosts = []
     for item in netloc.rsplit("@", 1)[-1].split(","):
         host, _, port = item.partition(":")
         if not host or not (port or "0").isdigit():
-            raise ConfigError(f"bad host:port {item!r} in the Redis URL")
+            # with credentials in the URL, a "host" may be a piece of an unescaped password
+            shown = "" if secret else f" {item!r}"
+            raise ConfigError(f"bad host:port{shown} in the Redis URL (a password with '#', '?', '/' or '@' "
+                              "must be percent-encoded)")
         hosts.append((host, int(port or default_port)))
     return hosts
+
+
+def _classify_nodes(nodes: list[tuple[str, int]], client_opts: dict[str, Any]) -> str | None:
+    """Why a cluster client could not start, if it is the URL's fault: asked of each node with a
+    plain client, because redis-py's cluster client shuffles the nodes and reports the last one's
+    error only (and words a missing permission as "cluster mode is not enabled").  A ConfigError
+    message when every node that answers is a plain Redis or refuses the credentials; None when
+    some node is down or is a cluster node (waiting may help: the server starts, 503 until then)."""
+    verdicts = []
+    for host, port in nodes:
+        probe = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **client_opts)
+        try:
+            enabled = probe.info("cluster").get("cluster_enabled")
+            verdicts.append(f"{host}:{port} is not in cluster mode" if not enabled else "cluster")
+        except redis.exceptions.AuthenticationError:
+            verdicts.append(f"{host}:{port} refused the user name and password")
+        except (redis.exceptions.RedisError, OSError):
+            verdicts.append("unknown")  # down, slow, no permission for INFO: not the URL's fault for sure
+        finally:
+            probe.close()
+    if any(v in ("cluster", "unknown") for v in verdicts):
+        return None
+    return ("the redis+cluster URL cannot work: " + "; ".join(verdicts) +
+            " (for a single Redis use redis://host:port; for a cluster name its nodes and their credentials)")
 
 
 def _cluster(url: str, opts: dict[str, Any]) -> RedisClient:
@@ -97,39 +120,46 @@ def _cluster(url: str, opts: dict[str, Any]) -> RedisClient:
     tls = url.startswith("rediss+cluster://")
     if query and not tls:
         raise ConfigError("ssl_* options need a rediss+cluster:// URL")
-    nodes = [ClusterNode(host, port) for host, port in _hosts(parsed.netloc, 6379)]  # type: ignore[no-untyped-call]
+    hosts = _hosts(parsed.netloc, 6379, secret="@" in url)
+    nodes = [ClusterNode(host, port) for host, port in hosts]  # type: ignore[no-untyped-call]
+    auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password, "ssl": tls}
 
     def make() -> RedisCluster:
-        return RedisCluster(startup_nodes=nodes, username=parsed.username, password=parsed.password,
-                            ssl=tls, **({**opts, **query}))
+        return RedisCluster(startup_nodes=nodes, **auth, **({**opts, **query}))
 
     try:
         return make()
-    except (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError) as err:
-        # A node that answers "not a cluster" or "wrong password" will not change its mind by
-        # waiting: that is the URL's mistake, said at startup rather than as a 503 for every
-        # request (a node that is down may come up: that one is deferred)
-        where = parsed.netloc.rpartition("@")[2]  # never the password
-        if BAD_CREDENTIALS in str(err):
-            raise ConfigError(f"Redis at {where} refused the user name and password of the redis+cluster URL "
-                              f"({BAD_CREDENTIALS!r})") from None
-        if NOT_A_CLUSTER in str(err):
-            raise ConfigError(f"the redis+cluster URL names a Redis that is not in cluster mode ({where} answered "
-                              f"{NOT_A_CLUSTER!r}): use redis://host:port for a single Redis, or point the URL "
-                              "at the cluster's nodes") from None
+    except (redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError):
+        # A plain Redis or refused credentials will not change by waiting: the URL's mistake,
+        # said at startup rather than as a 503 for every request.  A node that is down may come
+        # up: that one is deferred.
+        why = _classify_nodes(hosts, {**auth, **query, "socket_timeout": opts["socket_timeout"],
+                                      "socket_connect_timeout": opts["socket_connect_timeout"],
+                                      "decode_responses": True})
+        if why:
+            raise ConfigError(why) from None
         return DeferredCluster(make)
 
 
 def connect(url: str, timeout: float) -> RedisClient:
     """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://h:p[,h:p]/service``
-    or ``redis+cluster://h:p[,h:p]`` (``rediss+cluster://`` with TLS)."""
+    or ``redis+cluster://h:p[,h:p]`` (``rediss+cluster://`` with TLS).  A URL that cannot be
+    parsed is a :class:`ConfigError` whose message never quotes what may be a password."""
+    try:
+        return _connect(url, timeout)
+    except (ValueError, TypeError):  # redis-py's own parsing: its messages may quote the URL
+        raise ConfigError("LAYERLOCK_REDIS_URL cannot be parsed (a port that is not a number, a bad "
+                          "option value, or a password with '#', '?', '/' or '@' not percent-encoded)") from None
+
+
+def _connect(url: str, timeout: float) -> RedisClient:
     # One quick retry (covers a Sentinel failover or a dropped idle connection), then give up:
     # a request must not wait past a couple of seconds for a Redis that is down.
     opts = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "health_check_interval": 10,
             "decode_responses": True, "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 1)}
     if url.startswith("redis+sentinel://"):
         parsed = urlparse(url)
-        hosts = _hosts(parsed.netloc, 26379)
+        hosts = _hosts(parsed.netloc, 26379, secret="@" in url)
         service = parsed.path.strip("/").split("/")[0]
         if not service:
             raise ConfigError("redis+sentinel URL needs the service name as its path")

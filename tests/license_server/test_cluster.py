@@ -19,7 +19,7 @@ import redis
 from layerlock.license_server.redis_conn import connect
 from layerlock.license_server.store import P
 from layerlock.shared.errors import ConfigError
-from tests.conftest import LicenseServer, RedisClusterServer, RedisServer, serving, wait_for
+from tests.conftest import LicenseServer, RedisClusterServer, RedisServer, free_port, serving, wait_for
 from tests.license_server.ls_helpers import activate, add_model, issue, new_machine, register
 from tests.license_server.test_console import console
 
@@ -50,22 +50,38 @@ def test_a_bad_cluster_url_is_refused_with_the_reason(url: str, message: str) ->
     assert message in str(err.value)
 
 
-def test_a_cluster_url_naming_a_plain_redis_fails_at_startup(tmp_path: Path) -> None:
-    plain = RedisServer(tmp_path / "plain")
+def test_a_cluster_url_that_cannot_work_fails_at_startup_and_never_quotes_the_password(tmp_path: Path) -> None:
+    plain, other = RedisServer(tmp_path / "plain"), RedisServer(tmp_path / "other")
     plain.start()
+    other.start()
+    a, b, dead = f"127.0.0.1:{plain.port}", f"127.0.0.1:{other.port}", f"127.0.0.1:{free_port()}"
     try:
-        with pytest.raises(ConfigError) as err:  # waiting would not help: a 503 for every request hid it
-            connect(f"redis+cluster://:s3cret@127.0.0.1:{plain.port}", 1.0)
-        assert f"127.0.0.1:{plain.port} answered 'Cluster mode is not enabled'" in str(err.value)
-        assert "use redis://host:port" in str(err.value) and "s3cret" not in str(err.value)
-        with pytest.raises(ConfigError) as err:
-            connect(f"redis+cluster://ops:s3cret@127.0.0.1:{plain.port}", 1.0)
-        assert f"Redis at 127.0.0.1:{plain.port} refused the user name and password" in str(err.value)
-        assert "s3cret" not in str(err.value)
+        for _ in range(4):  # redis-py shuffles the nodes: the answer must not depend on the order
+            with pytest.raises(ConfigError) as err:  # waiting would not help: a 503 for every request hid it
+                connect(f"redis+cluster://{a},{b}", 1.0)
+            assert f"{a} is not in cluster mode; {b} is not in cluster mode" in str(err.value)
+            assert "for a single Redis use redis://host:port" in str(err.value)
+            # a node that is down may be the cluster: deferred (the server starts, 503 until it answers)
+            assert type(connect(f"redis+cluster://{a},{dead}", 1.0)).__name__ == "DeferredCluster"
+        for userinfo, why in (("ops:s3cret", "refused the user name and password"),  # no such ACL user
+                              (":s3cret", "is not in cluster mode")):  # a password it does not ask for
+            with pytest.raises(ConfigError) as err:
+                connect(f"redis+cluster://{userinfo}@{a}", 1.0)
+            assert f"{a} {why}" in str(err.value) and "s3cret" not in str(err.value)
     finally:
         plain.stop()
-    # a node that is down may come up: the server still starts, and answers 503 until it does
-    assert type(connect(f"redis+cluster://127.0.0.1:{plain.port}", 1.0)).__name__ == "DeferredCluster"
+        other.stop()
+    assert type(connect(f"redis+cluster://{a}", 1.0)).__name__ == "DeferredCluster"
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://u:pa#ss@127.0.0.1:7000", "redis://u:p/ss@127.0.0.1:6379/0",
+                                 "redis://127.0.0.1:63x79/0", "redis+sentinel://u:pa?ss@127.0.0.1:26379/m"])
+def test_an_unparsable_url_is_a_config_error_that_quotes_no_password(url: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        connect(url, 1.0)
+    message = str(err.value)
+    assert "percent-encoded" in message
+    assert not any(piece in message for piece in ("'u:pa'", "pa#ss", "p/ss", "u:p", "pa?ss"))
 
 
 @pytest.fixture(scope="module")
