@@ -250,6 +250,13 @@ def start_stack(tmp: Path, workers: int, server_threads: int | None = None, wsgi
     return stack
 
 
+def head_races(stack: Stack) -> float:
+    """The server's count of audit commits re-hashed because another moved the chain head first."""
+    text = requests.get(stack.base + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("layerlock_audit_head_races_total"))
+
+
 def wait_for_aof_rewrite(r: redis.Redis) -> None:
     """A bulk load grows the AOF past auto-aof-rewrite-percentage; let that forked rewrite finish."""
     time.sleep(1.0)
@@ -321,6 +328,7 @@ def main() -> None:
                     strict: bool = True) -> dict[str, float]:
             bodies = stack.bodies(count) if method == "POST" else ([] if client == "wrk" else [None] * count)
             pgids = {p.pid for p in stack.procs}
+            races0 = head_races(stack)
             srv0 = group_cpu_s(pgids)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped children only: wrk / the client pool
             if client == "wrk":
@@ -332,6 +340,7 @@ def main() -> None:
             cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
             res["client_cpu_ms_per_req"] = cpu * 1000 / max(1, res["requests"])
             res["server_cpu_ms_per_req"] = (group_cpu_s(pgids) - srv0) * 1000 / max(1, res["requests"])
+            res["head_races_per_req"] = (head_races(stack) - races0) / max(1, res["requests"])
             return res
 
         for stack in (empty, loaded):  # warm-up: connections, imports, caches
@@ -353,6 +362,9 @@ def main() -> None:
                                               for k, v in rounds_seen.items()))
         for name in series:
             show("100k fleet" if name.endswith("100k") else "empty fleet", name.split("_")[0], best[name])
+        print(f"audit head races per activation (a re-hash and one more round trip each): "
+              f"{best['activate']['head_races_per_req']:.2f} empty, {best['activate_100k']['head_races_per_req']:.2f} "
+              "with the fleet")
         if "floor" in best:
             print("floor: parse + one read + Ed25519 verify + signed JWT + one atomic nonce/count/audit write "
                   "(bench/floor_wsgi.py) -- what any activation with these guarantees costs here")
@@ -378,6 +390,7 @@ def main() -> None:
             figures["floor_over_ping_cpu"] = round(cpu["ping"] / cpu["floor"], 3)
             figures["activate_over_floor"] = round(best["activate"]["rps"] / best["floor"]["rps"], 3)
             figures["activate_over_floor_cpu"] = round(cpu["floor"] / cpu["activate"], 3)
+        figures["activate_head_races_per_req"] = round(best["activate"]["head_races_per_req"], 3)
         figures["activate_100k_over_empty"] = round(best["activate_100k"]["rps"] / best["activate"]["rps"], 3)
         figures["bulk_load_s"] = round(load_s, 1)
         figures["redis_100k_MB"] = round((mem1 - mem0) / 2**20, 1)

@@ -12,7 +12,8 @@ this host as on the server's own code.  The floor endpoint keeps only what no de
   real server reuses one);
 * one Redis round trip that burns the nonce, counts the request and appends a SHA-256-chained
   audit entry, atomically and only onto the head it was hashed against (a Lua script, like the
-  real commit, with the same re-hash when another worker moved the head).
+  real commit, with the same re-hash when another worker moved the head, and the same one commit
+  at a time per process against the head the previous one left).
 
 What it leaves out, and the real endpoint does: the decision's rules (status, expiry, seats,
 device, rate budgets, suites), the guards that make a grant lose to a concurrent revocation,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -53,6 +55,7 @@ redis.call('SET', KEYS[4], ARGV[2])
 return {1, ''}
 """
 _HEAD, _STREAM = "{ll}bench:floor:head", "{ll}bench:floor:audit"
+_SERIAL, _SEEN = threading.Lock(), [""]  # store/commit.py's Commits._serial and ._seen, in short
 _WK = b64u_encode(os.urandom(80))  # 107 characters: the bench model's real wk (32-byte key, HPKE X25519)
 
 
@@ -81,13 +84,16 @@ def floor() -> dict[str, Any]:
     keys = svc.keys.current
     token = sign_token(claims, keys.signing, kid=keys.kid)
     keys_ = [nonce_key(req.machine, req.nonce), machine_counter(req.machine), _STREAM, _HEAD]
-    while True:  # another worker moved the head: re-hash against the new one (as the real commit does)
-        record = f'{{"machine":"{req.machine}","model":"{req.model}","jti":"{claims.jti}","prev":"{head}"}}'
-        status, current = write(keys=keys_, args=[record, hashlib.sha256(record.encode()).hexdigest(), head,
-                                                  GENESIS])
-        if int(status) != 0:
-            break
-        head = current
+    with _SERIAL:  # as the real commit: one at a time per process, against the head the last one left
+        head = _SEEN[0] or head
+        while True:  # another worker moved the head: re-hash against the new one
+            record = f'{{"machine":"{req.machine}","model":"{req.model}","jti":"{claims.jti}","prev":"{head}"}}'
+            digest = hashlib.sha256(record.encode()).hexdigest()
+            status, current = write(keys=keys_, args=[record, digest, head, GENESIS])
+            if int(status) != 0:
+                _SEEN[0] = digest if int(status) == 1 else head
+                break
+            head = _SEEN[0] = current
     if int(status) == 2:
         raise ActivationDenied(Denial.REPLAY, "this request was already seen")
     return {"token": token, "expires_at": claims.exp, "renew_at": claims.rna, "license_id": claims.lic}

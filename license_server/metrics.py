@@ -21,6 +21,10 @@ LICENSES_ISSUED = Counter("layerlock_licenses_issued_total", "Licenses issued")
 REJECTED = Counter("layerlock_rejected_total",
                    "Requests refused before any principal was identified (not audited one by one)", ["reason"])
 REQUESTS = Counter("layerlock_http_requests_total", "HTTP requests by status class", ["status"])
+#: A commit whose audit record had to be re-hashed because another commit moved the chain head
+#: first (store/commit.py): the price of one unforked chain under concurrency, one round trip each.
+AUDIT_HEAD_RACES = Counter("layerlock_audit_head_races_total",
+                           "Commits re-hashed because another commit moved the audit chain head first")
 GRANTED = ACTIVATIONS.labels(outcome="granted")  # the hot path: the labelled child looked up once
 
 

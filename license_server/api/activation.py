@@ -119,14 +119,14 @@ def _activate(svc: Services, req: ActivationRequest, ip: str, *, offline: bool =
     cfg = svc.config
     nonce_ttl = (cfg.offline_request_ttl if offline else cfg.clock_skew) + cfg.clock_skew + 60
     nonce_key = guards.nonce_key(req.machine, req.nonce)
-    channel = {"channel": "offline", "actor": actor} if offline else {}
+    channel: dict[str, Any] = {"channel": "offline", "actor": actor} if offline else {}
 
     def attempt() -> dict[str, Any]:
         snap = svc.activation_reader(req.machine, req.model, ip)
         outcome = decide(snap, req, time.time(), cfg, svc.policy, _sig_key, offline=offline)
         change = guards.count_machine(Change().once(nonce_key, nonce_ttl), req.machine)
         if isinstance(outcome, Refusal):
-            _refuse(svc, outcome, change, req, ip, snap.head, channel)
+            _refuse(svc, outcome, change, req, ip, snap, channel)
         return _grant(svc, req, snap, outcome, change, ip, channel)
 
     try:
@@ -145,24 +145,24 @@ def _activate(svc: Services, req: ActivationRequest, ip: str, *, offline: bool =
         raise ActivationDenied(Denial.BUSY, "the license is changing too fast; retry shortly") from None
 
 
-def _refuse(svc: Services, refusal: Refusal, change: Change, req: ActivationRequest, ip: str, head: str,
-            channel: dict[str, str]) -> NoReturn:
+def _refuse(svc: Services, refusal: Refusal, change: Change, req: ActivationRequest, ip: str,
+            snap: guards.Snapshot, channel: dict[str, Any]) -> NoReturn:
     if not refusal.audited:
         if channel:  # submitted by ops: audited, but nothing counted against a machine that proved nothing
-            svc.commits.commit("activation", None, head=head, machine=req.machine, model=req.model,
-                               outcome="denied", reason=str(refusal.reason), ip=ip, **channel)
+            svc.commits.commit("activation", None, head=snap.head, head_read_at=snap.now, machine=req.machine,
+                               model=req.model, outcome="denied", reason=str(refusal.reason), ip=ip, **channel)
         elif refusal.reason == Denial.RATE_LIMITED:
             rejections.count_only(refusal.reason)  # over budget: not even a counter write
         else:
             rejections.record(svc.redis, ip, refusal.reason)
         raise refusal.error()
-    svc.commits.commit("activation", change, head=head, machine=req.machine, model=req.model, outcome="denied",
-                     reason=str(refusal.reason), ip=ip, **channel)
+    svc.commits.commit("activation", change, head=snap.head, head_read_at=snap.now, machine=req.machine,
+                       model=req.model, outcome="denied", reason=str(refusal.reason), ip=ip, **channel)
     raise refusal.error()
 
 
 def _grant(svc: Services, req: ActivationRequest, snap: guards.Snapshot, grant: Grant, change: Change,
-           ip: str, channel: dict[str, str]) -> dict[str, Any]:
+           ip: str, channel: dict[str, Any]) -> dict[str, Any]:
     lic = grant.license
     wk, fresh = _wrapped_key(svc, req, snap.machine, snap.model, lic, grant.suite)
     iat, token, jti = _token(svc, req, grant, wk, offline=bool(channel))
@@ -174,10 +174,10 @@ def _grant(svc: Services, req: ActivationRequest, snap: guards.Snapshot, grant: 
     if grant.seat:
         seats.take(change, lic, req.machine, snap.now, iat)
     change.write("HINCRBY", lkey, "activations", 1).hset(lkey, {"last_activation": str(iat), **fresh})
-    # the snapshot's head: a stale guess (another worker appended meanwhile) costs one cheap
-    # re-hash inside commit(), the same as reading the head again would cost in every case
-    svc.commits.commit("activation", change, head=snap.head, machine=req.machine, model=req.model,
-                       outcome="granted", license=lic["license_id"], suite=grant.suite, jti=jti, ip=ip,
+    # the snapshot's head, or a fresher one this process saw since (Commits._guess): a stale
+    # guess costs one re-hash and round trip inside commit(), never a wrong record
+    svc.commits.commit("activation", change, head=snap.head, head_read_at=snap.now, machine=req.machine,
+                       model=req.model, outcome="granted", license=lic["license_id"], suite=grant.suite, jti=jti, ip=ip,
                        seat=True if grant.seat else None, **channel)
     return token
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -267,6 +269,52 @@ def test_concurrent_mutations_from_many_threads_keep_one_unbroken_chain(server):
 
 
 # --- the store's optimistic retries, deterministically ---------------------------------------------
+def test_a_commit_hashed_against_a_moved_head_is_rehashed_once_and_counted(redis_server):
+    """The chain never forks: a record hashed against a head another commit already moved is sent
+    again against the current head (one more round trip), and the race shows in /metrics."""
+    from prometheus_client import REGISTRY
+
+    from layerlock.license_server.store.audit import AuditLog
+    from layerlock.license_server.store.commit import Commits
+
+    r = redis_server.client()
+    commits = Commits(r)
+    first = commits.append("note", actor="t", n=1)
+    races0 = REGISTRY.get_sample_value("layerlock_audit_head_races_total") or 0.0
+    stale = "0" * 64  # the head this commit believes in: someone appended since
+    commits.append("note", actor="t", head=stale, n=2)
+    assert REGISTRY.get_sample_value("layerlock_audit_head_races_total") == races0 + 1
+    records = [json.loads(e["rec"]) for _, e in r.xrange(STREAM)]
+    assert [x["n"] for x in records] == [1, 2] and records[1]["prev"] != stale
+    assert first and AuditLog(r).verify()["ok"] is True
+    commits.append("note", actor="t", n=3)  # read the head itself: no race
+    assert REGISTRY.get_sample_value("layerlock_audit_head_races_total") == races0 + 1
+
+
+def test_one_process_commits_from_many_threads_without_a_single_head_race(redis_server):
+    """Threads of one process commit one at a time, each against the head the previous one left:
+    no re-hash at all (racing each other for the head cost 1.7-2.4 round trips per activation)."""
+    from prometheus_client import REGISTRY
+
+    from layerlock.license_server.store.audit import AuditLog
+    from layerlock.license_server.store.commit import Commits
+
+    r = redis_server.client()
+    commits = Commits(r)
+    stale = "f" * 64  # what a request read at its start; its first commit corrects it
+    commits.append("note", actor="t", head=stale, n=-1)
+    races0 = REGISTRY.get_sample_value("layerlock_audit_head_races_total") or 0.0
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: commits.append("note", actor="t", head=stale, head_read_at=0.0, n=i), range(200)))
+    assert REGISTRY.get_sample_value("layerlock_audit_head_races_total") == races0
+    assert r.xlen(STREAM) == 201 and AuditLog(r).verify()["ok"] is True
+    # a head read after this process last committed is believed (another replica may have moved it)
+    other = Commits(r)
+    other.append("note", actor="t", n=1000)
+    commits.append("note", actor="t", head=r.get("{ll}:audit:head"), head_read_at=time.time(), n=1001)
+    assert REGISTRY.get_sample_value("layerlock_audit_head_races_total") == races0
+
+
 def test_a_change_computed_from_a_stale_read_is_recomputed_not_applied(redis_server):
     """A concurrent writer slips in between the read and the commit: the guard catches it, nothing
     is written, and the change is recomputed from fresh data (licenses, machines, models)."""
