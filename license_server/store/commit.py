@@ -47,7 +47,6 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import redis
@@ -63,6 +62,9 @@ T = TypeVar("T")
 MAX_HEAD_RACES = 100
 #: Fresh decisions of one read-decide-commit loop when what it read keeps changing.
 MAX_DECISIONS = 50
+#: How long a commit waits for the other commits of its process before it goes ahead and races
+#: for the chain head (see Commits._serial): far above a commit's round trip, far below a timeout.
+SERIAL_WAIT_S = 0.25
 #: A channel nobody listens on: ``PUBLISH`` to it is the cheapest command Redis replicates, the
 #: write :meth:`Commits.confirm` waits for (``WAIT`` only waits for this connection's own writes).
 BARRIER = P + "replication-barrier"
@@ -222,7 +224,7 @@ class Commits:
         #: each hashes against the head the previous one left (0.6-0.7 left, across processes).
         #: Not when waiting for replicas: a commit then holds its connection for a replica's ack,
         #: and queueing the process's commits behind that would cap them at 1 / ack latency.
-        self._serial: AbstractContextManager[Any] = threading.Lock() if not wait_replicas else nullcontext()
+        self._serial: threading.Lock | None = threading.Lock() if not wait_replicas else None
 
     def _run(self, keys: list[str], args: list[Any]) -> tuple[int, Any]:
         """The commit script, then (with replicas to wait for) ``WAIT`` on the same connection."""
@@ -300,8 +302,14 @@ class Commits:
         program = change.program()
         subscribers = outbox.keys_for(body)
         queue = [outbox.OUTBOX, *subscribers] if subscribers else [""]
-        with self._serial:
+        # a commit stuck on a Redis that hangs must not queue the others behind it for a timeout
+        # each: past SERIAL_WAIT_S they go ahead and race (and time out side by side, as before)
+        got = self._serial.acquire(timeout=SERIAL_WAIT_S) if self._serial else False
+        try:
             return self._append(keys, body, program, queue, self._guess(head, head_read_at))
+        finally:
+            if got and self._serial:
+                self._serial.release()
 
     def _append(self, keys: list[str], body: dict[str, Any], program: str, queue: list[str], prev: str) -> str:
         for _ in range(MAX_HEAD_RACES):

@@ -315,6 +315,24 @@ def test_one_process_commits_from_many_threads_without_a_single_head_race(redis_
     assert REGISTRY.get_sample_value("layerlock_audit_head_races_total") == races0
 
 
+def test_a_commit_stuck_on_redis_does_not_hold_the_others_of_its_process(redis_server):
+    """One commit waiting on a hung Redis holds the process's commit lock: the next one goes ahead
+    after SERIAL_WAIT_S (and races for the head) instead of queueing for a whole timeout."""
+    from layerlock.license_server.store.commit import SERIAL_WAIT_S, Commits
+
+    r = redis_server.client()
+    commits = Commits(r)
+    assert commits._serial is not None and commits._serial.acquire()  # the stuck commit
+    try:
+        t0 = time.monotonic()
+        commits.append("note", actor="t", n=1)
+        waited = time.monotonic() - t0
+    finally:
+        commits._serial.release()
+    assert SERIAL_WAIT_S <= waited < SERIAL_WAIT_S + 5 and r.xlen(STREAM) == 1
+    assert Commits(r, wait_replicas=1)._serial is None  # commits that wait for replicas never queue
+
+
 def test_a_change_computed_from_a_stale_read_is_recomputed_not_applied(redis_server):
     """A concurrent writer slips in between the read and the commit: the guard catches it, nothing
     is written, and the change is recomputed from fresh data (licenses, machines, models)."""
