@@ -149,14 +149,14 @@ def _refuse(svc: Services, refusal: Refusal, change: Change, req: ActivationRequ
             snap: guards.Snapshot, channel: dict[str, Any]) -> NoReturn:
     if not refusal.audited:
         if channel:  # submitted by ops: audited, but nothing counted against a machine that proved nothing
-            svc.commits.commit("activation", None, head=snap.head, head_read_at=snap.now, machine=req.machine,
+            svc.commits.commit("activation", None, head=snap.head, head_read_at=snap.read_at, machine=req.machine,
                                model=req.model, outcome="denied", reason=str(refusal.reason), ip=ip, **channel)
         elif refusal.reason == Denial.RATE_LIMITED:
             rejections.count_only(refusal.reason)  # over budget: not even a counter write
         else:
             rejections.record(svc.redis, ip, refusal.reason)
         raise refusal.error()
-    svc.commits.commit("activation", change, head=snap.head, head_read_at=snap.now, machine=req.machine,
+    svc.commits.commit("activation", change, head=snap.head, head_read_at=snap.read_at, machine=req.machine,
                        model=req.model, outcome="denied", reason=str(refusal.reason), ip=ip, **channel)
     raise refusal.error()
 
@@ -176,7 +176,7 @@ def _grant(svc: Services, req: ActivationRequest, snap: guards.Snapshot, grant: 
     change.write("HINCRBY", lkey, "activations", 1).hset(lkey, {"last_activation": str(iat), **fresh})
     # the snapshot's head, or a fresher one this process saw since (Commits._guess): a stale
     # guess costs one re-hash and round trip inside commit(), never a wrong record
-    svc.commits.commit("activation", change, head=snap.head, head_read_at=snap.now, machine=req.machine,
+    svc.commits.commit("activation", change, head=snap.head, head_read_at=snap.read_at, machine=req.machine,
                        model=req.model, outcome="granted", license=lic["license_id"], suite=grant.suite, jti=jti, ip=ip,
                        seat=True if grant.seat else None, **channel)
     return token

@@ -293,7 +293,7 @@ class Commits:
         """Apply ``change`` and append its record in one atomic step; returns the record's stream id.
 
         ``head``: the chain head if the caller already read it, and ``head_read_at`` when
-        (``time.time()``); see :meth:`_guess`.  A guard that does not hold raises
+        (``time.monotonic()``); see :meth:`_guess`.  A guard that does not hold raises
         :class:`GuardFailed`, a nonce already burnt :class:`Replayed`; either way nothing is written.
         """
         body = self._body(type_, actor, fields)
@@ -316,7 +316,7 @@ class Commits:
             canonical = dumps({**body, "prev": prev})
             h = digest(canonical)
             status, value = self._run(keys, [GENESIS, prev, canonical, h, program, *queue])
-            at = time.time()
+            at = time.monotonic()
             if status == 1:
                 self._saw(h, at)
                 return str(value)

@@ -94,6 +94,8 @@ class Snapshot:
     head: str
     #: When the snapshot was read (what ``_used`` counted live seats against).
     now: float = 0.0
+    #: ``time.monotonic()`` of the read: how fresh ``head`` is (Commits._guess; immune to clock steps).
+    read_at: float = 0.0
 
 
 class ActivationReader:
@@ -101,9 +103,10 @@ class ActivationReader:
         self._script = r.register_script(_SNAPSHOT)
 
     def __call__(self, machine: str, model: str, ip: str) -> Snapshot:
-        now = time.time()
+        now, read_at = time.time(), time.monotonic()
         keys = [machine_counter(machine, now), rejections.failure_key(ip, now), machines.key(machine),
                 models.key(model), licenses.pair_key(machine, model), HEAD]
         cm, cf, mrec, model_rec, lics, head = self._script(keys=keys, args=[licenses.key(""), GENESIS, machine, model,
                                                                             repr(now), P])
-        return Snapshot(int(cm), int(cf), _pairs(mrec), _pairs(model_rec), [_pairs(x) for x in lics], head, now)
+        return Snapshot(int(cm), int(cf), _pairs(mrec), _pairs(model_rec), [_pairs(x) for x in lics], head, now,
+                        read_at)
