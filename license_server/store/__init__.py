@@ -28,6 +28,7 @@
 ``{ll}:apikey-hash:<sha256>``
 ``{ll}:claim:<sha256>``             hash: an enrollment claim (only the secret's hash is stored)
 ``{ll}:nonce:<machine>:<nonce>``    SET NX EX: replay guard (air-gapped requests: ``offline_request_ttl``)
+``{ll}:done:<random>``              the record id of one commit, 60 s: a resent commit is applied once
 ``{ll}:rl:m:<machine>:<min>``       signed activation requests of a machine this minute
 ``{ll}:rl:bad:<source>:<min>``      failed unauthenticated requests of a source this minute
 ``{ll}:rejects:<YYYYMMDDHH>``       hash reason → count: unauthenticated rejections, per hour

@@ -44,6 +44,7 @@ records a failover then lost (it would look like tampering).
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,9 @@ MAX_DECISIONS = 50
 #: How long a commit waits for the other commits of its process before it goes ahead and races
 #: for the chain head (see Commits._serial): far above a commit's round trip, far below a timeout.
 SERIAL_WAIT_S = 0.25
+#: Per-commit keys that make a resent commit script idempotent (``_COMMIT``'s "d"): they only need
+#: to outlive redis-py's resend after a timeout (socket timeout x 2 retries), not the request.
+DONE, DONE_TTL_S = P + "done:", 60
 #: A channel nobody listens on: ``PUBLISH`` to it is the cheapest command Redis replicates, the
 #: write :meth:`Commits.confirm` waits for (``WAIT`` only waits for this connection's own writes).
 BARRIER = P + "replication-barrier"
@@ -83,11 +87,19 @@ SECRET_FIELDS = frozenset({"token", "wk", "api_key", "key", "sealed_key", "data_
 #   and nothing is written.
 #   "n": SET key 1 NX EX ttl; if the nonce was already there, nothing is written ({2, 0}).
 #   write [command, key, args...]: redis.call(command, KEYS[key], args...).
+#   "d": [done key, ttl]: this commit's own key (a random name; same hash tag, so the same slot):
+#   set to the record's id with the record; found already set, the commit was applied by an
+#   earlier send of this very call and its id is returned, nothing written again (see Commits.commit).
 # Returns {1, id} when committed, or {0, current head} so a loser retries without a round trip.
 _COMMIT = """
+local prog = cjson.decode(ARGV[5])
+local d = prog.d
+if d then
+  local done = redis.call('GET', d[1])
+  if done then return {1, done} end
+end
 local head = redis.call('GET', KEYS[2]) or ARGV[1]
 if head ~= ARGV[2] then return {0, head} end
-local prog = cjson.decode(ARGV[5])
 for i, g in ipairs(prog.g or {}) do
   local op, k = g[1], KEYS[g[2]]
   local ok
@@ -115,6 +127,7 @@ for _, w in ipairs(prog.w or {}) do
 end
 local id = redis.call('XADD', KEYS[1], '*', 'rec', ARGV[3], 'h', ARGV[4])
 redis.call('SET', KEYS[2], ARGV[4])
+if d then redis.call('SET', d[1], id, 'EX', d[2]) end
 if ARGV[6] and ARGV[6] ~= '' then
   for i = 7, #ARGV do
     if redis.call('SCARD', ARGV[i]) > 0 then redis.call('LPUSH', ARGV[6], id); break end
@@ -184,8 +197,8 @@ class Change:
         self.nonce = [self._k(nonce_key), int(ttl)]
         return self
 
-    def program(self) -> str:
-        prog: dict[str, Any] = {}
+    def program(self, done: str | None = None) -> str:
+        prog: dict[str, Any] = {"d": [done, DONE_TTL_S]} if done else {}
         if self.guards:
             prog["g"] = self.guards
         if self.writes:
@@ -299,7 +312,12 @@ class Commits:
         body = self._body(type_, actor, fields)
         change = change or Change()
         keys = [STREAM, HEAD, *change.keys]
-        program = change.program()
+        # redis-py resends a command whose reply timed out or whose connection dropped, and the
+        # first send may have been applied: the done key makes the resend answer that commit's id
+        # instead of appending the record twice (or calling a fresh grant "replayed" because the
+        # first send burnt its nonce).  Records can be identical (two concurrent extensions read
+        # the same state in the same millisecond), so only a key per call tells "mine" apart.
+        program = change.program(done=f"{DONE}{secrets.token_hex(16)}")
         subscribers = outbox.keys_for(body)
         queue = [outbox.OUTBOX, *subscribers] if subscribers else [""]
         # a commit stuck on a Redis that hangs must not queue the others behind it for a timeout

@@ -76,10 +76,11 @@ def activate(server: Any, m: Machine, model_id: str, **extra: Any) -> requests.R
 
 
 def snapshot(r: redis.Redis) -> dict[str, Any]:
-    """Every key's serialized value, except activation guards (nonces, rate counters)."""
+    """Every key's serialized value, except activation guards (nonces, rate counters) and the
+    commits' short-lived idempotency keys."""
     out = {}
     for k in sorted(r.scan_iter(count=1000)):
-        if k.startswith(("{ll}:nonce:", "{ll}:rl:")):
+        if k.startswith(("{ll}:nonce:", "{ll}:rl:", "{ll}:done:")):
             continue
         out[k] = r.dump(k)
     return out

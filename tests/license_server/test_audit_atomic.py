@@ -320,6 +320,33 @@ def test_one_process_commits_from_many_threads_without_a_single_head_race(redis_
     assert REGISTRY.get_sample_value("layerlock_audit_head_races_total") == races0
 
 
+def test_a_commit_whose_reply_was_lost_and_resent_is_applied_once(redis_server):
+    """redis-py resends a command whose reply timed out; if the first send went through, the resend
+    answers that send's record id -- it does not append the record twice, nor call a fresh grant
+    "replayed" because the first send burnt its nonce."""
+    from layerlock.license_server.store.commit import Change, Commits
+
+    r = redis_server.client()
+    commits = Commits(r)
+    commits.append("note", actor="t", n=0)
+    real, first = commits._run, []
+
+    def lost_reply(keys, args):
+        if not first:
+            first.append(real(keys, args))  # applied by Redis; the reply never reaches us
+        return real(keys, args)  # the client's automatic resend, same arguments
+
+    commits._run = lost_reply
+    change = Change().once("{ll}:nonce:test", 60).write("INCR", "{ll}:counter")
+    got = commits.commit("activation", change, actor="t", outcome="granted")
+    assert first[0][0] == 1 and got == str(first[0][1])  # the id of the one record the first send wrote
+    assert r.xlen(STREAM) == 2 and r.get("{ll}:counter") == "1"
+    # a new call is a new commit: its own key, so an identical record is not mistaken for a resend
+    commits._run = real
+    commits.commit("activation", Change().write("INCR", "{ll}:counter"), actor="t", outcome="granted")
+    assert r.xlen(STREAM) == 3 and r.get("{ll}:counter") == "2"
+
+
 def test_a_commit_stuck_on_redis_does_not_hold_the_others_of_its_process(redis_server):
     """One commit waiting on a hung Redis holds the process's commit lock: the next one goes ahead
     after SERIAL_WAIT_S (and races for the head) instead of queueing for a whole timeout."""
