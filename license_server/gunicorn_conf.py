@@ -30,11 +30,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn import util
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
+
+if TYPE_CHECKING:
+    from layerlock.license_server.config import ServerConfig
 
 __all__ = ["bind", "workers", "threads", "worker_class", "timeout", "graceful_timeout", "keepalive",
            "accesslog", "errorlog", "loglevel", "limit_request_line", "limit_request_field_size",
@@ -236,7 +239,7 @@ def _exposed(addresses: list[str]) -> list[str]:
 CONFIG_ERROR_EXIT = 2
 
 
-def _checked_config(server: Any) -> Any:
+def _checked_config(server: Any) -> ServerConfig:
     """The configuration, checked once in the master before any worker forks: a bad setting, or a
     Redis URL that can never work (a bad scheme, a cluster URL naming a plain Redis, credentials
     a cluster node refuses), is one log line and exit status 2 -- not every worker failing to

@@ -351,7 +351,7 @@ class Commits:
         """The chain head to hash the record against: a wrong guess costs one more round trip
         (the script answers with the current head), a right one saves it.  Under load the head a
         request read at its start is nearly always stale by the time it commits -- other commits
-        land while it checks a signature and signs a token: 1.7-2.0 re-hashes per activation in
+        land while it checks a signature and signs a token: 1.7-2.4 re-hashes per activation in
         ``bench/activate.py`` -- so the head this process's own latest commit saw, when it saw it
         later than the caller read its head, is the better guess."""
         seen = self._seen
