@@ -36,13 +36,19 @@ def _replica_of(primary: RedisServer, directory: Path) -> tuple[subprocess.Popen
                              "--replicaof", "127.0.0.1", str(primary.port), "--logfile", str(directory / "log")],
                             stdin=subprocess.DEVNULL, start_new_session=True)
     client = redis.Redis(port=port, decode_responses=True, socket_timeout=5, retry_on_error=[])
+    primary_client = primary.client()
 
     def synced() -> bool:
         try:
             info = client.info("replication")
         except redis.ConnectionError:
             return False
-        return info["master_link_status"] == "up" and not info.get("master_sync_in_progress")
+        if info["master_link_status"] != "up" or info.get("master_sync_in_progress"):
+            return False
+        # The replica's view is not enough: after a diskless sync the primary counts the replica
+        # for WAIT only once its first REPLCONF ACK arrives (up to a second later), so ask the
+        # primary itself -- a WAIT that one replica confirms.
+        return primary_client.wait(1, 200) >= 1
 
     assert wait_for(synced, 30), (directory / "log").read_text()[-1000:]
     return proc, client
