@@ -41,7 +41,9 @@ def test_protect_register_license_serve_bit_exact(deployment):
     assert wait_for(lambda: sum(e["event"] == "token_accepted" for e in dep.sidecar.events()) >= 3, timeout=10)
     assert run_client(MODEL_ID, dep.socket)["sha256"] == want_sha
     # nothing unlocked was written: the state dir holds keys, pins, the (sealed) token and the
-    # MAC'd clock mark only
+    # MAC'd clock mark only (listed once the sidecar has stopped: a renewal's atomic write has a
+    # temporary file for a moment)
+    assert dep.sidecar.stop() == 0
     names = {p.relative_to(dep.state_dir).as_posix() for p in dep.state_dir.rglob("*")}
     assert names == {"machine.json", "sign.ed25519.pem", "kex.x25519.pem", "jwks.json", "tokens",
                      f"tokens/{MODEL_ID}.jwt", "clock.json"}
@@ -107,10 +109,15 @@ def test_revoke_drops_within_one_renewal(deployment):
     assert resp.status_code == 200, resp.text
     t0 = time.time()
     assert wait_for(lambda: dep.sidecar.model_state()["state"] == "refused", timeout=15)
-    # timed by the sidecar's own log (not this test's polling through `status` subprocesses): one
-    # renewal period (2 s) plus slack for a loaded CI box
-    dropped = [e for e in dep.sidecar.events() if e["event"] == "model_dropped" and e["reason"] == "revoked"]
-    assert dropped and dropped[0]["ts"] - t0 < 5, dropped
+    # judged by the sidecar's own log (not this test's polling through `status` subprocesses), by
+    # order rather than by a stopwatch a loaded CI box can overrun: the first renewal that started
+    # after the revoke dropped the model -- at most one renewal already in flight was still granted
+    events = dep.sidecar.events()
+    dropped = [e for e in events if e["event"] == "model_dropped" and e["reason"] == "revoked"]
+    assert dropped, events[-5:]
+    granted_after = [e for e in events if e["event"] == "token_accepted" and t0 <= e["ts"] < dropped[0]["ts"]]
+    assert len(granted_after) <= 1, granted_after
+    assert dropped[0]["ts"] - t0 < 10, dropped
     st = dep.sidecar.model_state()
     assert st["reason"] == "revoked"
     assert run_client(MODEL_ID, dep.socket)["refused"] == "revoked"

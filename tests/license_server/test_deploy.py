@@ -255,7 +255,9 @@ def test_slow_clients_do_not_stall_the_server_behind_the_shipped_nginx(tmp_path,
                 assert resp.status_code == 200, resp.text
                 time.sleep(0.5)
             print(f"/v1/ping through nginx with {SLOW_CLIENTS} slow clients: max {max(latencies) * 1000:.0f} ms")
-            assert max(latencies) < 2.0, latencies
+            # stalled behind the slow bodies, a ping would wait for the 30 s trickle to end; the
+            # bound leaves room for a loaded CI box, not for a stall
+            assert max(latencies) < 5.0, latencies
             # the slow requests were held open all along (not dropped, not answered)
             assert not send_errors and all(_reply(sock, 0.01) == b"" for sock in slow)
 

@@ -19,7 +19,7 @@ import requests
 from ls_helpers import activate, add_model, issue, new_machine, register, world
 
 from layerlock.license_server.store import P
-from tests.conftest import CLI, PYTHON, REPO, LicenseServer, _env, fresh_minute
+from tests.conftest import CLI, PYTHON, REPO, LicenseServer, _env, fresh_minute, wait_for
 
 
 def test_redis_outage_is_503_with_retry_after_and_recovers_without_restart(license_server, redis_server):
@@ -137,11 +137,13 @@ def _race(license_server):
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    assert license_server.api("POST", f"/v1/licenses/{lid}/revoke", {"reason": "race"}).status_code == 200
-    revoked_at[0] = time.monotonic()
-    time.sleep(0.4)
-    stop.set()
+    try:  # waits on what happened, not on sleeps: a loaded CI box may take a second per activation
+        assert wait_for(lambda: len(granted) >= 4, 20), "no activation happened before the revocation"
+        assert license_server.api("POST", f"/v1/licenses/{lid}/revoke", {"reason": "race"}).status_code == 200
+        revoked_at[0] = time.monotonic()
+        assert wait_for(lambda: len(after_revoke) >= 4, 20), "no activation started after the revocation"
+    finally:
+        stop.set()
     for t in threads:
         t.join()
     assert granted, "no activation happened before the revocation"

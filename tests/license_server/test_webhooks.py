@@ -92,6 +92,21 @@ def fast(tmp_path_factory):
 
 
 @pytest.fixture()
+def quiet(tmp_path):
+    """A server whose background worker is off: a test's in-process :class:`Worker` is then the
+    only one that ever claims or sends a delivery (no race with the server's own 0.2 s poll)."""
+    rs = make_redis(tmp_path / "redis")
+    rs.start()
+    ls = LicenseServer(tmp_path / "server", rs.url, env={**FAST, "LAYERLOCK_BACKGROUND": "false"})
+    try:
+        ls.start()
+        yield ls
+    finally:
+        ls.stop()
+        rs.kill()
+
+
+@pytest.fixture()
 def receiver():
     made: list[Receiver] = []
 
@@ -187,8 +202,8 @@ def test_a_slow_endpoint_never_delays_an_activation(fast, receiver):
         assert activate(fast, m, model).status_code == 200
         lat.append(time.perf_counter() - t0)
     # a delivery takes >= 1 s (its timeout): activations that waited for one would have a median
-    # over 1 s (the max only bounds one slow answer on a loaded box)
-    assert statistics.median(lat) < 0.5 and max(lat) < 3.0, lat
+    # over 1 s (no bound on the max: one slow answer on a loaded CI box proves nothing either way)
+    assert statistics.median(lat) < 0.5, lat
     assert wait_for(lambda: len(rcv.seen) >= 3, timeout=20)
     _disable(fast, hook)
 
@@ -235,41 +250,37 @@ def test_non_admins_cannot_see_or_register_webhooks(fast):
     assert requests.get(fast.url + "/v1/webhooks/deliveries", timeout=5).status_code == 401
 
 
-def test_backoff_doubles_and_a_delivery_fails_for_good_after_the_retry_window(fast, receiver):
-    """The worker in-process (the server's own keeps running too: the delivery is parked out of its reach)."""
+def test_backoff_doubles_and_a_delivery_fails_for_good_after_the_retry_window(quiet, receiver):
+    """The worker in-process, the only one: the server's own is off."""
     rcv = receiver(fail=10_000)
-    hook = _hook(fast, rcv.url, ["license.issued"])
-    cfg = ServerConfig(data_dir=fast.data_dir, redis_url=fast.redis_url, webhook_backoff=10, webhook_backoff_max=40,
+    hook = _hook(quiet, rcv.url, ["license.issued"])
+    cfg = ServerConfig(data_dir=quiet.data_dir, redis_url=quiet.redis_url, webhook_backoff=10, webhook_backoff_max=40,
                        webhook_retry_for=86_400)
     assert ServerConfig().webhook_retry_for >= 24 * 3600  # the default retries for at least a day
-    worker = Worker(cfg, connect(fast.redis_url, 2), KeyStore(fast.data_dir / "keys", max_token_life=3600))
-    deliveries = store.Deliveries(fast.redis())
+    worker = Worker(cfg, connect(quiet.redis_url, 2), KeyStore(quiet.data_dir / "keys", max_token_life=3600))
+    deliveries = store.Deliveries(quiet.redis())
     m = new_machine()
-    register(fast, m)
-    model, _ = add_model(fast)
-    issue(fast, m, model)
-    assert wait_for(lambda: any(d["webhook"] == hook["webhook_id"] for d in deliveries.page(
-        cursor=None, limit=50, keep=lambda d: True)[0]), timeout=10)
+    register(quiet, m)
+    model, _ = add_model(quiet)
+    issue(quiet, m, model)
+    worker.fan_out(time.time())
     (d,) = [d for d in deliveries.page(cursor=None, limit=50, keep=lambda d: True)[0]
             if d["webhook"] == hook["webhook_id"]]
     ident = d["delivery_id"]
-    r = fast.redis()
+    r = quiet.redis()
     for attempt, base in ((1, 10), (2, 20), (3, 40), (4, 40)):
-        assert wait_for(lambda a=attempt: int(deliveries.get(ident).get("attempts", "0")) >= a - 1, timeout=10)
-        # parked an hour out, whoever's schedule it was on: the server's own worker (0.2 s poll)
-        # never claims it, and _send sends whatever it is given, due or not
-        r.zadd(store.QUEUE, {ident: time.time() + 3600})
-        r.hset(store.delivery_key(ident), "attempts", str(attempt - 1))
-        worker._send(ident)
+        assert int(deliveries.get(ident).get("attempts", "0")) == attempt - 1
+        worker._send(ident)  # sends whatever it is given, due or not
         rec = deliveries.get(ident)
         delay = float(rec["next_at"]) - float(rec["last_attempt_at"])
         assert 0.8 * base <= delay <= 1.2 * base, (attempt, delay)
+        assert r.zscore(store.QUEUE, ident) == pytest.approx(float(rec["next_at"]), abs=0.01)
+    assert len(rcv.seen) == 4  # one request per attempt: nobody else sent it
     r.hset(store.delivery_key(ident), "window_from", str(time.time() - 86_401))
     worker._send(ident)
     rec = deliveries.get(ident)
     assert rec["status"] == "failed" and r.zscore(store.QUEUE, ident) is None
     worker.close()
-    _disable(fast, hook)
 
 
 def test_the_signature_scheme(fast):
