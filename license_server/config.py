@@ -18,6 +18,7 @@ from typing import Any
 from layerlock.shared.errors import ConfigError
 
 DEFAULT_DATA_DIR = "/var/lib/layerlock"
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,13 @@ class ServerConfig:
             default = getattr(self, name)
             try:
                 if isinstance(default, bool):
-                    typed[name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+                    typed[name] = raw if isinstance(raw, bool) else _BOOLS[str(raw).strip().lower()]
                 elif isinstance(default, Path):
                     typed[name] = Path(raw)
                 else:
                     typed[name] = type(default)(raw)
+            except KeyError:  # a typo ("ture") must not silently read as false
+                raise ConfigError(f"setting {name!r} must be true or false (1/0, yes/no, on/off)") from None
             except (TypeError, ValueError):
                 raise ConfigError(f"setting {name!r} must be a {type(default).__name__}") from None
         cfg = replace(self, **typed)

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -44,9 +45,29 @@ __all__ = ["bind", "workers", "threads", "worker_class", "timeout", "graceful_ti
            "on_starting", "child_exit", "on_exit", "proc_name", "control_socket_disable", "logconfig_dict",
            "logger_class"]
 
+#: The master's exit status for a configuration that can never work (deploy/layerlock-server.service
+#: tells systemd not to restart on it: waiting does not fix a wrong URL or a bad setting).
+CONFIG_ERROR_EXIT = 2
+
+
+def _count(name: str, default: int) -> int:
+    """A positive whole number from the environment.  A bad one stops gunicorn before it starts,
+    with one line naming the variable and exit status 2 -- not "Failed to read config file" and a
+    traceback (gunicorn turns any exception here into that, and exit 1)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    print(json.dumps({"ts": round(time.time(), 3), "level": "ERROR", "logger": "gunicorn.error",
+                      "msg": f"configuration error, not starting: {name} must be a whole number >= 1"}),
+          file=sys.stderr, flush=True)
+    raise SystemExit(CONFIG_ERROR_EXIT)
+
+
 bind = os.environ.get("LAYERLOCK_BIND", "127.0.0.1:8700")
-workers = int(os.environ.get("LAYERLOCK_WORKERS", str(min(8, 2 * (os.cpu_count() or 1)))))
-threads = int(os.environ.get("LAYERLOCK_THREADS", "4"))
+workers = _count("LAYERLOCK_WORKERS", min(8, 2 * (os.cpu_count() or 1)))
+threads = _count("LAYERLOCK_THREADS", 4)
 worker_class = "layerlock.license_server.gunicorn_conf.JsonErrorThreadWorker"
 timeout = 30
 graceful_timeout = 10
@@ -232,11 +253,6 @@ def _exposed(addresses: list[str]) -> list[str]:
         if not loopback:
             out.append(address)
     return out
-
-
-#: The master's exit status for a configuration that can never work (deploy/layerlock-server.service
-#: tells systemd not to restart on it: waiting does not fix a wrong URL).
-CONFIG_ERROR_EXIT = 2
 
 
 def _checked_config(server: Any) -> ServerConfig:

@@ -212,6 +212,32 @@ def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_pa
     assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
 
 
+@pytest.mark.parametrize(("env", "cause"), [
+    ({"LAYERLOCK_WORKERS": "two"}, "LAYERLOCK_WORKERS must be a whole number >= 1"),
+    ({"LAYERLOCK_THREADS": "0"}, "LAYERLOCK_THREADS must be a whole number >= 1"),
+    ({"LAYERLOCK_BACKGROUND": "ture"}, "setting 'background' must be true or false (1/0, yes/no, on/off)"),
+])
+def test_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, env, cause):
+    """gunicorn's own settings too: before, ``LAYERLOCK_WORKERS=two`` was gunicorn's "Failed to
+    read config file" and a traceback (exit 1, so systemd restarted it forever), and a typo in a
+    true/false setting silently read as false."""
+    d = tmp_path / "srv"
+    subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
+                   capture_output=True, check=True)
+    out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind", f"127.0.0.1:{free_port()}"],
+                         env={**_env(), **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [json.loads(line) for line in out.stderr.splitlines() if '"ERROR"' in line]
+    assert len(errors) == 1 and errors[0]["msg"] == f"configuration error, not starting: {cause}", errors
+    assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
+
+
+def test_serve_refuses_a_worker_count_below_one(tmp_path):
+    out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(tmp_path), "--workers", "0"], env=_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Invalid value for '--workers': 0 is not in the range x>=1" in out.stderr, out.stderr
+
+
 def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server):
     second = license_server.api("POST", "/v1/keys", {"role": "admin", "name": "second"}).json()
     boot = [k for k in license_server.api("GET", "/v1/keys").json()["items"] if k["id"].startswith("key_bootstrap")]

@@ -28,6 +28,12 @@ def test_config_env_overrides_toml(tmp_path):
         ServerConfig.load({"LAYERLOCK_CLOCK_SKEW": "soon"})
     with pytest.raises(ConfigError):
         ServerConfig.load({"LAYERLOCK_APPENDFSYNC": "no"})
+    for word, value in (("off", False), ("ON", True), (" 0 ", False), ("Yes", True)):
+        assert ServerConfig.load({"LAYERLOCK_BACKGROUND": word}).background is value
+    with pytest.raises(ConfigError, match="'background' must be true or false"):
+        ServerConfig.load({"LAYERLOCK_BACKGROUND": "ture"})  # a typo is not silently "false"
+    with pytest.raises(ConfigError, match="'trust_proxy' must be true or false"):
+        ServerConfig.load({"LAYERLOCK_TRUST_PROXY": ""})
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 1\n")
     with pytest.raises(ConfigError):
