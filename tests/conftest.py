@@ -366,6 +366,21 @@ def _shared_cluster(tmp_path_factory: pytest.TempPathFactory):
         cluster.kill()
 
 
+@contextmanager
+def own_stack(base: Path, env: dict[str, str] | None = None) -> Iterator[LicenseServer]:
+    """A license server with settings of its own (``env``) on a Redis of its own, both stopped at
+    the end: for a module's fixture whose background worker or limits must not touch other tests."""
+    rs = make_redis(base / "redis")
+    rs.start()
+    ls = LicenseServer(base / "server", rs.url, env=env)
+    try:
+        ls.start()
+        yield ls
+    finally:
+        ls.stop()
+        rs.kill()
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path, _shared_cluster: RedisClusterServer | None):
     """A real redis-server (see :class:`RedisServer`); under ``LAYERLOCK_TEST_REDIS=cluster`` the

@@ -14,22 +14,14 @@ from ls_helpers import activate, add_model, new_machine, register
 
 from layerlock.license_server.cli import main as layerlock_main
 from layerlock.license_server.store import seats
-from tests.conftest import LicenseServer, make_redis, wait_for
+from tests.conftest import own_stack, wait_for
 
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory):
     """A server whose background worker culls every 0.2 s (leases of a few seconds)."""
-    base = tmp_path_factory.mktemp("seats")
-    rs = make_redis(base / "redis")
-    rs.start()
-    ls = LicenseServer(base / "server", rs.url, env={"LAYERLOCK_BACKGROUND_INTERVAL": "0.2"})
-    try:
-        ls.start()
+    with own_stack(tmp_path_factory.mktemp("seats"), {"LAYERLOCK_BACKGROUND_INTERVAL": "0.2"}) as ls:
         yield ls
-    finally:
-        ls.stop()
-        rs.kill()
 
 
 def _customer() -> str:

@@ -22,7 +22,7 @@ from layerlock.license_server.keystore import KeyStore
 from layerlock.license_server.redis_conn import connect
 from layerlock.license_server.store import webhooks as store
 from layerlock.license_server.webhooks import Worker, signature, verify
-from tests.conftest import LicenseServer, make_redis, wait_for
+from tests.conftest import own_stack, wait_for
 
 FAST = {"LAYERLOCK_BACKGROUND_INTERVAL": "0.2", "LAYERLOCK_WEBHOOK_BACKOFF": "0.3",
         "LAYERLOCK_WEBHOOK_BACKOFF_MAX": "1", "LAYERLOCK_WEBHOOK_TIMEOUT": "1"}
@@ -79,31 +79,16 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory):
-    base = tmp_path_factory.mktemp("webhooks")
-    rs = make_redis(base / "redis")
-    rs.start()
-    ls = LicenseServer(base / "server", rs.url, env=FAST)
-    try:
-        ls.start()
+    with own_stack(tmp_path_factory.mktemp("webhooks"), FAST) as ls:
         yield ls
-    finally:
-        ls.stop()
-        rs.kill()
 
 
 @pytest.fixture()
 def quiet(tmp_path):
     """A server whose background worker is off: a test's in-process :class:`Worker` is then the
     only one that ever claims or sends a delivery (no race with the server's own 0.2 s poll)."""
-    rs = make_redis(tmp_path / "redis")
-    rs.start()
-    ls = LicenseServer(tmp_path / "server", rs.url, env={**FAST, "LAYERLOCK_BACKGROUND": "false"})
-    try:
-        ls.start()
+    with own_stack(tmp_path, {**FAST, "LAYERLOCK_BACKGROUND": "false"}) as ls:
         yield ls
-    finally:
-        ls.stop()
-        rs.kill()
 
 
 @pytest.fixture()
