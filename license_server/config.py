@@ -8,6 +8,7 @@ Environment variables win over the TOML file so a systemd drop-in can override o
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ from layerlock.shared.errors import ConfigError
 
 DEFAULT_DATA_DIR = "/var/lib/layerlock"
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Longest enrollment claim ops may ask for: long enough to reach the host, short enough to go stale.
+MAX_CLAIM_TTL = 30 * 86_400
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,12 @@ class ServerConfig:
                     doc = tomllib.load(fh)
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read config file {toml_path}: {exc}") from None
-            values.update(doc.get("server", doc))
+            if "server" in doc:
+                if not isinstance(doc["server"], dict) or len(doc) > 1:
+                    raise ConfigError(f"config file {toml_path}: put every setting in one [server] table "
+                                      "(or all at the top level, without one)")
+                doc = doc["server"]
+            values.update(doc)
         for f in fields(cls):
             name = f"LAYERLOCK_{f.name.upper()}"
             if name in env:
@@ -113,34 +122,37 @@ class ServerConfig:
         return cls()._with(values)
 
     def _with(self, values: Mapping[str, Any]) -> ServerConfig:
-        known = {f.name: f for f in fields(self)}
+        known = {f.name for f in fields(self)}
         typed: dict[str, Any] = {}
         for name, raw in values.items():
             if name not in known:
                 raise ConfigError(f"unknown setting {name!r}")
-            default = getattr(self, name)
-            try:
-                if isinstance(default, bool):
-                    typed[name] = raw if isinstance(raw, bool) else _BOOLS[str(raw).strip().lower()]
-                elif isinstance(default, Path):
-                    typed[name] = Path(raw)
-                else:
-                    typed[name] = type(default)(raw)
-            except KeyError:  # a typo ("ture") must not silently read as false
-                raise ConfigError(f"setting {name!r} must be true or false (1/0, yes/no, on/off)") from None
-            except (TypeError, ValueError):
-                raise ConfigError(f"setting {name!r} must be a {type(default).__name__}") from None
+            typed[name] = _coerce(name, getattr(self, name), raw)
         cfg = replace(self, **typed)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        """Ranges and relations, so that a setting that would refuse every request (a clock skew of
+        0, a rate of 0) or break every worker (an unknown log level) stops the server at start."""
         if self.appendfsync not in ("always", "everysec"):
             raise ConfigError("appendfsync must be 'always' or 'everysec' (never 'no': see deploy/redis.conf)")
-        if self.min_lifetime < 1 or self.default_token_ttl > self.default_offline_grace:
-            raise ConfigError("need 1 <= min_lifetime and default_token_ttl <= default_offline_grace")
-        if self.redis_timeout <= 0 or self.max_body_bytes < 1024:
-            raise ConfigError("redis_timeout must be > 0 and max_body_bytes >= 1024")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        if not self.issuer.strip():
+            raise ConfigError("issuer must not be empty (it is every token's iss, which verifiers check)")
+        if not 1 <= self.min_lifetime <= self.default_token_ttl <= self.default_offline_grace <= self.max_offline_grace:
+            raise ConfigError("need 1 <= min_lifetime <= default_token_ttl <= default_offline_grace "
+                              "<= max_offline_grace (seconds)")
+        if not self.min_lifetime <= self.default_claim_ttl <= MAX_CLAIM_TTL:
+            raise ConfigError(f"default_claim_ttl must be between min_lifetime and {MAX_CLAIM_TTL} s (30 days)")
+        if not 1 <= self.clock_skew <= 86_400:
+            raise ConfigError("clock_skew must be between 1 and 86400 s")
+        if min(self.rate_machine_per_min, self.rate_unauth_per_min) < 1:
+            raise ConfigError("rate_machine_per_min and rate_unauth_per_min must be >= 1 (0 would refuse "
+                              "every request)")
+        if not 0 < self.redis_timeout <= 60 or self.max_body_bytes < 1024:
+            raise ConfigError("redis_timeout must be > 0 and <= 60 s, max_body_bytes >= 1024")
         if self.max_model_body_bytes < self.max_body_bytes:
             raise ConfigError("max_model_body_bytes must be >= max_body_bytes")
         if self.redis_wait_replicas < 0 or self.shed_queue_ms < 0 or self.retry_after < 1:
@@ -150,7 +162,46 @@ class ServerConfig:
                               "waiting for its replicas must not outlast the client's socket timeout")
         if self.offline_request_ttl < self.clock_skew:
             raise ConfigError("offline_request_ttl must be >= clock_skew")
-        if min(self.background_interval, self.webhook_timeout, self.webhook_backoff) <= 0 or \
-                self.webhook_backoff_max < self.webhook_backoff or self.webhook_retry_for < 0:
-            raise ConfigError("background_interval, webhook_timeout and webhook_backoff must be > 0, "
-                              "webhook_backoff_max >= webhook_backoff, webhook_retry_for >= 0")
+        if not (0 < self.background_interval <= 3600 and 0 < self.webhook_timeout <= 300 and
+                0 < self.webhook_backoff <= self.webhook_backoff_max <= 86_400) or self.webhook_retry_for < 0:
+            raise ConfigError("need 0 < background_interval <= 3600, 0 < webhook_timeout <= 300, "
+                              "0 < webhook_backoff <= webhook_backoff_max <= 86400 (seconds), "
+                              "webhook_retry_for >= 0")
+
+
+def _coerce(name: str, default: Any, raw: Any) -> Any:
+    """``raw`` (text from the environment, or a TOML value) as the type of ``default``.  Strict:
+    a TOML ``1.9`` is not an int, ``true`` is not a number, a list is not text, and ``nan``/``inf``
+    are no duration -- each a ConfigError naming the setting, never a silent coercion."""
+    text = raw.strip() if isinstance(raw, str) else None
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if text is not None and text.lower() in _BOOLS:
+            return _BOOLS[text.lower()]
+        raise ConfigError(f"setting {name!r} must be true or false (1/0, yes/no, on/off)")
+    if isinstance(default, int):
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if text is not None and text.lstrip("-").isascii() and text.lstrip("-").isdigit():
+            return int(text)
+        raise ConfigError(f"setting {name!r} must be a whole number")
+    if isinstance(default, float):
+        value: float | None = None
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            value = float(raw)
+        elif text is not None:
+            try:
+                value = float(text)
+            except ValueError:
+                value = None
+        if value is None or not math.isfinite(value):
+            raise ConfigError(f"setting {name!r} must be a finite number")
+        return value
+    if isinstance(default, Path):
+        if isinstance(raw, Path | str) and str(raw).strip():
+            return Path(raw)
+        raise ConfigError(f"setting {name!r} must be a non-empty path")
+    if isinstance(raw, str):
+        return raw
+    raise ConfigError(f"setting {name!r} must be text")

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gunicorn import util
 from gunicorn.glogging import Logger
@@ -57,15 +57,30 @@ def _count(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    if raw.isdigit() and int(raw) >= 1:
+    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 256:
         return int(raw)
+    _refuse(f"{name} must be a whole number between 1 and 256")
+
+
+def _refuse(problem: str) -> NoReturn:
+    """Stop before gunicorn starts: one JSON line on stderr, exit 2 (no restart under systemd)."""
     print(json.dumps({"ts": round(time.time(), 3), "level": "ERROR", "logger": "gunicorn.error",
-                      "msg": f"configuration error, not starting: {name} must be a whole number >= 1"}),
-          file=sys.stderr, flush=True)
+                      "msg": f"configuration error, not starting: {problem}"}), file=sys.stderr, flush=True)
     raise SystemExit(CONFIG_ERROR_EXIT)
 
 
-bind = os.environ.get("LAYERLOCK_BIND", "127.0.0.1:8700")
+def _bind(raw: str) -> str:
+    """``LAYERLOCK_BIND`` checked here: gunicorn takes an empty one as "listen nowhere" and
+    reports a bad port only after the master's hooks have started the embedded Redis."""
+    if raw.startswith(("unix:", "fd://")) and len(raw) > 5:
+        return raw
+    host, sep, port = raw.rpartition(":")
+    if not (sep and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        _refuse("LAYERLOCK_BIND must be host:port (port 1-65535) or unix:/path")
+    return raw
+
+
+bind = _bind(os.environ.get("LAYERLOCK_BIND", "127.0.0.1:8700").strip())
 workers = _count("LAYERLOCK_WORKERS", min(8, 2 * (os.cpu_count() or 1)))
 threads = _count("LAYERLOCK_THREADS", 4)
 worker_class = "layerlock.license_server.gunicorn_conf.JsonErrorThreadWorker"
@@ -261,11 +276,13 @@ def _checked_config(server: Any) -> ServerConfig:
     a cluster node refuses), is one log line and exit status 2 -- not every worker failing to
     boot with a traceback.  A Redis that is merely down is not an error here (503 until it is up)."""
     from layerlock.license_server.config import ServerConfig
+    from layerlock.license_server.policy import SuitePolicy
     from layerlock.license_server.redis_conn import DeferredCluster, connect
     from layerlock.shared.errors import ConfigError
 
     try:
         cfg = ServerConfig.load()
+        SuitePolicy.from_file(cfg.policy_file)  # else every worker would fail to boot on it
         if cfg.redis_url:
             client = connect(cfg.redis_url, cfg.redis_timeout)
             if not isinstance(client, DeferredCluster):  # (that one holds no connection yet)
@@ -273,7 +290,32 @@ def _checked_config(server: Any) -> ServerConfig:
     except ConfigError as err:
         server.log.error("configuration error, not starting: %s", err)
         raise SystemExit(CONFIG_ERROR_EXIT) from None
+    for name, guess in _unknown_settings(os.environ, ServerConfig):
+        server.log.warning("%s is not a setting this server reads%s", name,
+                           f" (did you mean {guess}?)" if guess else "")
     return cfg
+
+
+#: ``LAYERLOCK_*`` names that are read, but are not :class:`ServerConfig` fields.
+_OTHER_NAMES = frozenset({"LAYERLOCK_CONFIG", "LAYERLOCK_BIND", "LAYERLOCK_WORKERS", "LAYERLOCK_THREADS",
+                          "LAYERLOCK_API_KEY", "LAYERLOCK_SERVER", "LAYERLOCK_BACKGROUND_PARENT",
+                          "LAYERLOCK_VERIFIER_CONFIG", "LAYERLOCK_SOCKET"})
+
+
+def _unknown_settings(env: Any, config_type: Any) -> list[tuple[str, str | None]]:
+    """Misspelled variables (``LAYERLOCK_REDIS_WAIT_REPLICA=1``) would be ignored without a word,
+    and that one would acknowledge writes no replica holds: each is named in a warning, with the
+    setting it most looks like."""
+    import difflib
+    from dataclasses import fields
+
+    known = {f"LAYERLOCK_{f.name.upper()}" for f in fields(config_type)} | _OTHER_NAMES
+    out = []
+    for name in sorted(env):
+        if name.startswith("LAYERLOCK_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            out.append((name, close[0] if close else None))
+    return out
 
 
 def on_starting(server: Any) -> None:
@@ -283,16 +325,23 @@ def on_starting(server: Any) -> None:
         server.log.warning("gunicorn is bound to %s: do not expose it directly (slow clients hold its threads); "
                            "put nginx in front (deploy/nginx-tls.conf) and bind to 127.0.0.1", ", ".join(exposed))
     cfg = _checked_config(server)
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        prom = cfg.data_dir / "prometheus"
-        shutil.rmtree(prom, ignore_errors=True)
-        prom.mkdir(parents=True, mode=0o700)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
-    if not cfg.redis_url:
-        from layerlock.license_server.embedded_redis import EmbeddedRedis
+    from layerlock.shared.errors import ConfigError
 
-        _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
-        os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()
+    try:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            prom = cfg.data_dir / "prometheus"
+            shutil.rmtree(prom, ignore_errors=True)
+            prom.mkdir(parents=True, mode=0o700)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+        if not cfg.redis_url:
+            from layerlock.license_server.embedded_redis import EmbeddedRedis
+
+            _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
+            os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()
+    except (ConfigError, OSError) as err:  # no redis-server on PATH, a data dir it cannot write
+        server.log.error("configuration error, not starting: %s", err)
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
+    if _embedded is not None:
         server.log.info("embedded redis-server started on %s", _embedded.socket)
         _embedded.supervise(server.log, _give_up_on_redis)
     if cfg.background:  # webhook deliveries and lease culling (license_server/background.py)

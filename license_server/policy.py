@@ -31,11 +31,17 @@ from layerlock.shared.wrap import DEFAULT_SUITE, HYBRID_SUITES, SUITES
 
 CHACHA = "X25519-SHA256-CHACHA20POLY1305"
 DEFAULT_TREE: dict[str, Any] = {"suite": DEFAULT_SUITE, "vendors": {}}
+#: The keys each level of the tree may hold, and the key of its branches (os: prefix → suite).
+_LEVELS: tuple[tuple[frozenset[str], str | None], ...] = (
+    (frozenset({"suite", "require", "vendors"}), "vendors"),
+    (frozenset({"suite", "require", "types"}), "types"),
+    (frozenset({"suite", "require", "os"}), "os"),
+)
 
 
 class SuitePolicy:
     def __init__(self, tree: dict[str, Any] | None = None) -> None:
-        self.tree = tree or DEFAULT_TREE
+        self.tree = DEFAULT_TREE if tree is None else tree
         self._check(self.tree)
 
     @classmethod
@@ -49,17 +55,32 @@ class SuitePolicy:
             raise ConfigError(f"cannot read suite policy {path}: {exc}") from None
         return cls(tree)
 
-    def _check(self, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "require":
-                    if not isinstance(v, bool):
-                        raise ConfigError("suite policy: 'require' must be true or false")
-                elif k == "suite" or (isinstance(v, str) and k not in ("vendors", "types", "os")):
-                    if v not in SUITES:
-                        raise ConfigError(f"suite policy names an unknown suite {v!r}")
-                else:
-                    self._check(v)
+    def _check(self, node: Any, where: str = "top level", level: int = 0) -> None:
+        """Strict, because a lax check fails open: a misspelled ``requires`` silently dropped
+        would turn a post-quantum requirement into a silent downgrade, and a wrong shape would
+        only surface as a 500 on every activation."""
+        allowed, child = _LEVELS[level]
+        if not isinstance(node, dict):
+            raise ConfigError(f"suite policy: {where} must be a table/object")
+        unknown = sorted(set(node) - allowed)
+        if unknown:
+            raise ConfigError(f"suite policy: unknown key {unknown[0]!r} at {where} "
+                              f"(allowed: {', '.join(sorted(allowed))})")
+        if "require" in node and not isinstance(node["require"], bool):
+            raise ConfigError(f"suite policy: 'require' at {where} must be true or false")
+        if "suite" in node and node["suite"] not in SUITES:
+            raise ConfigError(f"suite policy names an unknown suite {node['suite']!r} at {where}")
+        if child is None:
+            return
+        branches = node.get(child, {})
+        if not isinstance(branches, dict):
+            raise ConfigError(f"suite policy: {child!r} at {where} must be a table/object")
+        for name, sub in branches.items():
+            if child == "os":
+                if sub not in SUITES:
+                    raise ConfigError(f"suite policy names an unknown suite {sub!r} for os {name!r} at {where}")
+            else:
+                self._check(sub, f"{child} {name!r}" if level == 0 else f"{where} / {child} {name!r}", level + 1)
 
     def choose(self, device: DeviceClass, has_pq: bool) -> str:
         """The suite for this device; raises ActivationDenied(suite_required) when the policy

@@ -52,6 +52,7 @@ import os
 import random
 import secrets
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,7 +69,7 @@ from layerlock.license_server.store import new_id, now_ms, outbox, seats
 from layerlock.license_server.store import webhooks as store
 from layerlock.license_server.store.audit import STREAM
 from layerlock.license_server.store.commit import Commits
-from layerlock.shared.errors import InvalidInput, LayerlockError
+from layerlock.shared.errors import ConfigError, InvalidInput, LayerlockError
 
 log = logging.getLogger("layerlock.webhooks")
 SIGNATURE_HEADER = "Layerlock-Signature"
@@ -303,11 +304,16 @@ def run(config: ServerConfig, stop: threading.Event) -> None:
 
 def main() -> None:
     """``layerlock webhooks run`` / ``python -m layerlock.license_server.webhooks``: exits 0 on SIGTERM/SIGINT."""
-    config = ServerConfig.load()
+    try:
+        config = ServerConfig.load()
+    except ConfigError as err:  # one line and exit 2, as the server's own master does
+        print(f"layerlock webhooks run: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     logs.setup(config.log_level)
     if not config.redis_url:
-        raise SystemExit("layerlock webhooks run: no Redis URL (set LAYERLOCK_REDIS_URL; `layerlock serve` "
-                         "starts the worker itself, with its embedded Redis)")
+        print("layerlock webhooks run: no Redis URL (set LAYERLOCK_REDIS_URL; `layerlock serve` starts the "
+              "worker itself, with its embedded Redis)", file=sys.stderr)
+        raise SystemExit(2)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

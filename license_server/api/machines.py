@@ -22,14 +22,13 @@ from layerlock.license_server.api.common import (
     string,
 )
 from layerlock.license_server.app import services
+from layerlock.license_server.config import MAX_CLAIM_TTL
 from layerlock.license_server.roles import READERS, WRITERS
 from layerlock.license_server.store import claims, dumps, machines, page
 from layerlock.shared.enrollment import parse_code
 from layerlock.shared.errors import Conflict, InvalidInput
 
 bp = Blueprint("machines", __name__, url_prefix="/v1/machines")
-#: Bounds of a claim's lifetime: long enough to reach the host, short enough to go stale.
-MAX_CLAIM_TTL = 30 * 86_400
 
 
 @bp.post("")

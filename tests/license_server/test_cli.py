@@ -20,7 +20,7 @@ from layerlock.license_server.store import P
 from layerlock.shared.keys import b64u_decode, x25519_public
 from layerlock.shared.tokens import parse_jwks, verify_token
 from layerlock.shared.wrap import MachineKemKeys, binding_info, open_sealed, seal_for_server
-from tests.conftest import CLI, PYTHON, REPO, RedisServer, _env, free_port
+from tests.conftest import CLI, PYTHON, REPO, LicenseServer, RedisServer, _env, free_port
 
 
 def cli(server, *args: str, key: str | None = None):
@@ -212,24 +212,61 @@ def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_pa
     assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
 
 
-@pytest.mark.parametrize(("env", "cause"), [
-    ({"LAYERLOCK_WORKERS": "two"}, "LAYERLOCK_WORKERS must be a whole number >= 1"),
-    ({"LAYERLOCK_THREADS": "0"}, "LAYERLOCK_THREADS must be a whole number >= 1"),
-    ({"LAYERLOCK_BACKGROUND": "ture"}, "setting 'background' must be true or false (1/0, yes/no, on/off)"),
+@pytest.mark.parametrize(("env", "bind", "cause"), [
+    ({"LAYERLOCK_WORKERS": "two"}, None, "LAYERLOCK_WORKERS must be a whole number between 1 and 256"),
+    ({"LAYERLOCK_THREADS": "0"}, None, "LAYERLOCK_THREADS must be a whole number between 1 and 256"),
+    ({"LAYERLOCK_WORKERS": "\u00b2"}, None, "LAYERLOCK_WORKERS must be a whole number between 1 and 256"),
+    ({}, "127.0.0.1:99999", "LAYERLOCK_BIND must be host:port (port 1-65535) or unix:/path"),
+    ({}, "", "LAYERLOCK_BIND must be host:port (port 1-65535) or unix:/path"),  # was: listen nowhere
+    ({"LAYERLOCK_BACKGROUND": "ture"}, None, "setting 'background' must be true or false (1/0, yes/no, on/off)"),
+    ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, None, "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ({"LAYERLOCK_POLICY_FILE": "/nonexistent/policy.json"}, None, "cannot read suite policy /nonexistent/policy.json"),
+    ({"PATH": "/nonexistent"}, None, "redis-server"),  # the embedded Redis cannot be started
 ])
-def test_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, env, cause):
-    """gunicorn's own settings too: before, ``LAYERLOCK_WORKERS=two`` was gunicorn's "Failed to
-    read config file" and a traceback (exit 1, so systemd restarted it forever), and a typo in a
-    true/false setting silently read as false."""
+def test_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, env, bind, cause):
+    """Settings gunicorn reads and settings only the workers used to load: before, each was a
+    traceback -- gunicorn's "Failed to read config file" or every worker failing to boot -- and
+    exit 1 or 3, so systemd restarted it forever; a typo in a true/false setting read as false,
+    and an empty bind listened nowhere."""
     d = tmp_path / "srv"
     subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
                    capture_output=True, check=True)
-    out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind", f"127.0.0.1:{free_port()}"],
+    out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind",
+                          f"127.0.0.1:{free_port()}" if bind is None else bind],
                          env={**_env(), **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [json.loads(line) for line in out.stderr.splitlines() if '"ERROR"' in line]
-    assert len(errors) == 1 and errors[0]["msg"] == f"configuration error, not starting: {cause}", errors
+    assert len(errors) == 1 and errors[0]["msg"].startswith("configuration error, not starting: "), errors
+    assert cause in errors[0]["msg"], errors
     assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
+
+
+@pytest.mark.parametrize(("env", "cause"), [
+    ({"LAYERLOCK_CLOCK_SKEW": "abc", "LAYERLOCK_REDIS_URL": "redis://127.0.0.1:9"},
+     "configuration error: setting 'clock_skew' must be a whole number"),
+    ({"LAYERLOCK_REDIS_URL": ""}, "no Redis URL"),
+])
+def test_the_background_worker_run_alone_refuses_a_bad_setting_with_exit_2(env, cause):
+    out = subprocess.run([PYTHON, "-m", "layerlock.license_server.webhooks"], env={**_env(), **env}, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and cause in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_misspelled_setting_is_named_in_a_warning(tmp_path, redis_server):
+    """``LAYERLOCK_REDIS_WAIT_REPLICA=1`` (no S) was ignored without a word -- and would have
+    acknowledged writes no replica holds."""
+    srv = LicenseServer(tmp_path / "srv", redis_server.url, workers=1,
+                        env={"LAYERLOCK_REDIS_WAIT_REPLICA": "1", "LAYERLOCK_NONSENSE_XYZ": "1"})
+    srv.start()
+    try:
+        assert srv.api("GET", "/readyz").status_code == 200  # a warning, not a refusal
+    finally:
+        srv.stop()
+    warned = [json.loads(line)["msg"] for line in srv.log.read_text().splitlines()
+              if '"WARNING"' in line and "is not a setting" in line]
+    assert "LAYERLOCK_REDIS_WAIT_REPLICA is not a setting this server reads " \
+           "(did you mean LAYERLOCK_REDIS_WAIT_REPLICAS?)" in warned, warned
+    assert "LAYERLOCK_NONSENSE_XYZ is not a setting this server reads" in warned, warned
 
 
 def test_serve_refuses_a_worker_count_below_one(tmp_path):

@@ -65,6 +65,67 @@ def test_policy_can_require_the_hybrid_suite_instead_of_downgrading():
         SuitePolicy({"suite": HYBRID, "require": "yes"})
 
 
+@pytest.mark.parametrize(("tree", "message"), [
+    ({"suite": HYBRID, "requires": True}, "unknown key 'requires' at top level"),  # would silently downgrade
+    ({"vendor": {"Dell": {"suite": HYBRID}}}, "unknown key 'vendor' at top level"),
+    ({"vendors": ["Dell"]}, "'vendors' at top level must be a table"),
+    ({"vendors": {"Dell": {"types": "x86_64"}}}, "'types' at vendors 'Dell' must be a table"),
+    ({"vendors": {"Dell": {"types": {"x86_64": {"os": {"Ubuntu": 5}}}}}},
+     "unknown suite 5 for os 'Ubuntu' at vendors 'Dell' / types 'x86_64'"),
+    ({"vendors": {"*": {"types": {"*": {"os": {}, "require": 1}}}}}, "'require' at vendors '*' / types '*' must be"),
+    ([1], "top level must be a table"),
+    ([], "top level must be a table"),
+])
+def test_a_policy_of_the_wrong_shape_is_refused_by_where_it_is_wrong(tree, message):
+    with pytest.raises(ConfigError) as err:
+        SuitePolicy(tree)
+    assert message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(("env", "setting"), [
+    ({"LAYERLOCK_CLOCK_SKEW": "-100"}, "clock_skew"),  # every activation would be stale
+    ({"LAYERLOCK_CLOCK_SKEW": "0"}, "clock_skew"),
+    ({"LAYERLOCK_RATE_MACHINE_PER_MIN": "0"}, "rate_machine_per_min"),  # every activation rate_limited
+    ({"LAYERLOCK_RATE_UNAUTH_PER_MIN": "0"}, "rate_unauth_per_min"),
+    ({"LAYERLOCK_REDIS_TIMEOUT": "nan"}, "redis_timeout"),
+    ({"LAYERLOCK_REDIS_TIMEOUT": "inf"}, "redis_timeout"),
+    ({"LAYERLOCK_BACKGROUND_INTERVAL": "nan"}, "background_interval"),  # would spin on Redis
+    ({"LAYERLOCK_WEBHOOK_TIMEOUT": "inf"}, "webhook_timeout"),
+    ({"LAYERLOCK_WEBHOOK_BACKOFF_MAX": "nan"}, "webhook_backoff_max"),
+    ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, "log_level"),  # crashed every worker at boot
+    ({"LAYERLOCK_MAX_OFFLINE_GRACE": "86400"}, "max_offline_grace"),  # below the default grace
+    ({"LAYERLOCK_MAX_OFFLINE_GRACE": "-1"}, "max_offline_grace"),
+    ({"LAYERLOCK_DEFAULT_TOKEN_TTL": "2"}, "default_token_ttl"),  # below min_lifetime
+    ({"LAYERLOCK_DEFAULT_CLAIM_TTL": "-1"}, "default_claim_ttl"),
+    ({"LAYERLOCK_ISSUER": " "}, "issuer"),
+    ({"LAYERLOCK_DATA_DIR": ""}, "data_dir"),
+    ({"LAYERLOCK_WORKERS_TYPO": "1", "LAYERLOCK_MIN_LIFETIME": "1.5"}, "min_lifetime"),
+])
+def test_a_setting_that_would_break_every_request_is_refused_by_name(env, setting):
+    with pytest.raises(ConfigError) as err:
+        ServerConfig.load(env)
+    assert setting in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('server = "x"\n', "one [server] table"),
+    ('clock_skew = 60\n[server]\nissuer = "a"\n', "one [server] table"),  # the top-level key was ignored
+    ("[server]\nclock_skew = 1.9\n", "'clock_skew' must be a whole number"),  # was 1, silently
+    ("[server]\nrate_machine_per_min = true\n", "'rate_machine_per_min' must be a whole number"),
+    ('[server]\nissuer = ["a", "b"]\n', "'issuer' must be text"),
+    ("[server]\nredis_timeout = nan\n", "'redis_timeout' must be a finite number"),
+])
+def test_a_config_file_value_of_the_wrong_type_is_refused_not_coerced(tmp_path, toml, message):
+    path = tmp_path / "server.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        ServerConfig.load({"LAYERLOCK_CONFIG": str(path)})
+    assert message in str(err.value), str(err.value)
+    path.write_text('[server]\nclock_skew = 60\nredis_timeout = 2\ntrust_proxy = true\n')
+    cfg = ServerConfig.load({"LAYERLOCK_CONFIG": str(path)})
+    assert (cfg.clock_skew, cfg.redis_timeout, cfg.trust_proxy) == (60, 2.0, True)
+
+
 def test_hybrid_suite_end_to_end(tmp_path, redis_server):
     from tests.conftest import LicenseServer
 
