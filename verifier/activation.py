@@ -20,6 +20,7 @@ import requests
 
 from layerlock.shared.activation import make_request
 from layerlock.shared.errors import ActivationDenied, RetryLater, Unavailable
+from layerlock.shared.urls import shown
 from layerlock.verifier.state import MachineKeys
 
 #: A server cannot make the sidecar wait longer than this through ``Retry-After`` (the daemon's
@@ -64,7 +65,7 @@ class ServerClient:
             return self.session.request(method, self.url + path, json=body, timeout=self.timeout,
                                         verify=self.verify)
         except requests.RequestException as exc:
-            raise Unavailable(f"license server {self.url} unreachable ({type(exc).__name__})") from None
+            raise Unavailable(f"license server {shown(self.url)} unreachable ({type(exc).__name__})") from None
 
     def fetch_jwks(self) -> dict[str, Any]:
         resp = self._call("GET", "/.well-known/jwks.json")

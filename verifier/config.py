@@ -9,6 +9,7 @@ directory, so a demo directory can be moved as a whole.
 from __future__ import annotations
 
 import grp
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -88,6 +89,12 @@ class _Issues:
 
     def add(self, key: str, message: str) -> None:
         self.items.append(f"{self.path}: {key}: {message}")
+
+
+#: Upper bounds of the durations (seconds): a leeway of 60000 (meant as ms) would accept a token
+#: 16 hours past its expiry; a timeout of days is a hang, not a timeout.
+_DURATION_MAX = {"request_timeout": 300, "retry_min": 3600, "retry_max": 86_400, "client_timeout": 3600,
+                 "leeway": 3600, "clock_tolerance": 86_400}
 
 
 def _typed(issues: _Issues, key: str, value: Any) -> bool:
@@ -247,6 +254,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         url = urlparse(typed["server_url"])
         if url.scheme not in ("http", "https") or not url.netloc:
             issues.add("server_url", "must be an http:// or https:// URL with a host")
+        elif url.username is not None or url.password is not None:  # it would be logged and shown by status
+            issues.add("server_url", "must not carry a user or password (the server authenticates machines by "
+                                     "their key)")
         kwargs["server_url"] = typed["server_url"].rstrip("/")
     if "ca_bundle" in typed:
         kwargs["ca_bundle"] = _file(issues, base, "ca_bundle", typed["ca_bundle"])
@@ -277,11 +287,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             issues.add("max_connections_per_uid",
                        f"must be between 1 and {MAX_CONNECTIONS} (the sidecar's limit for all peers together)")
         kwargs["max_connections_per_uid"] = typed["max_connections_per_uid"]
-    for key in ("request_timeout", "retry_min", "retry_max", "client_timeout", "leeway", "clock_tolerance"):
+    for key, most in _DURATION_MAX.items():
         if key in typed:
-            if typed[key] < 0 or (typed[key] == 0 and key != "leeway"):
+            value = typed[key]
+            if not math.isfinite(value):  # TOML has nan and inf; nan compares false to everything
+                issues.add(key, "must be a finite number of seconds")
+            elif value < 0 or (value == 0 and key != "leeway"):
                 issues.add(key, "must be positive")
-            kwargs[key] = typed[key]
+            elif value > most:
+                issues.add(key, f"must be at most {most} s")
+            kwargs[key] = value
     if kwargs.get("retry_min", 2.0) > kwargs.get("retry_max", 300.0):
         issues.add("retry_min", "must not exceed retry_max")
     models = _models(issues, base, typed["models"]) if "models" in typed else ()

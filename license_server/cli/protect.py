@@ -25,6 +25,7 @@ from layerlock.shared.keys import b64u_decode, ensure_private_dir, write_secret_
 from layerlock.shared.lockfile import ProtectResult
 from layerlock.shared.protect import Outcome, find_models, protect_path
 from layerlock.shared.selection import LockPolicy
+from layerlock.shared.urls import shown
 from layerlock.shared.wrap import seal_for_server
 
 HTTP_TIMEOUT_S = 30
@@ -66,7 +67,7 @@ class _Registrar:
         body = self._call("GET", "/v1/intake-key", "fetching the intake key")
         pub = body.get("intake_pub") if isinstance(body, dict) else None
         if not isinstance(pub, str):
-            raise ConfigError(f"{self.url}/v1/intake-key did not return an intake_pub")
+            raise ConfigError(f"{shown(self.url)}/v1/intake-key did not return an intake_pub")
         self.intake = x25519_public(b64u_decode(pub, field="intake_pub"), field="intake_pub")
 
     def _call(self, method: str, path: str, what: str, payload: Any = None) -> Any:
@@ -75,7 +76,7 @@ class _Registrar:
         try:
             reply = self.session.request(method, self.url + path, json=payload, timeout=HTTP_TIMEOUT_S)
         except requests.RequestException as exc:
-            raise ConfigError(f"{what}: cannot reach {self.url}: {type(exc).__name__}") from None
+            raise ConfigError(f"{what}: cannot reach {shown(self.url)}: {type(exc).__name__}") from None
         try:
             body = reply.json()
         except ValueError:

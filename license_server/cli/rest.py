@@ -16,6 +16,8 @@ from typing import Any
 import click
 import requests
 
+from layerlock.shared.urls import shown
+
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 
 
@@ -33,7 +35,7 @@ class ApiClient:
             resp = requests.request(method, self.server + path, json=body, headers=headers, timeout=self.timeout,
                                     params={k: v for k, v in (params or {}).items() if v is not None})
         except requests.RequestException as exc:
-            raise click.ClickException(f"cannot reach {self.server}: {type(exc).__name__}") from None
+            raise click.ClickException(f"cannot reach {shown(self.server)}: {type(exc).__name__}") from None
         try:
             doc = resp.json()
         except ValueError:
@@ -41,7 +43,7 @@ class ApiClient:
         if resp.status_code >= 400:
             if isinstance(doc, dict) and "error" in doc:
                 raise click.ClickException(f"{doc['error']}: {doc.get('message', '')} (HTTP {resp.status_code})")
-            raise click.ClickException(f"HTTP {resp.status_code} from {self.server}")
+            raise click.ClickException(f"HTTP {resp.status_code} from {shown(self.server)}")
         return doc
 
     def walk(self, path: str, params: dict[str, Any], limit: int | None) -> Iterable[dict[str, Any]]:

@@ -80,6 +80,14 @@ CASES = [
      "max_connections_per_uid: must be between 1 and 64"),
     ('server_url = "http://x"\nmax_connections_per_uid = 1.5\nmodels = []\n',
      "max_connections_per_uid: must be an integer, got float"),
+    # nan compares false to everything: it passed "must be positive", then broke every activation
+    ('server_url = "http://x"\nrequest_timeout = nan\nmodels = []\n', "request_timeout: must be a finite number"),
+    ('server_url = "http://x"\nretry_min = nan\nmodels = []\n', "retry_min: must be a finite number"),
+    ('server_url = "http://x"\nclient_timeout = inf\nmodels = []\n', "client_timeout: must be a finite number"),
+    ('server_url = "http://x"\nclock_tolerance = nan\nmodels = []\n', "clock_tolerance: must be a finite"),
+    ('server_url = "http://x"\nleeway = 60000\nmodels = []\n', "leeway: must be at most 3600 s"),  # ms, meant
+    ('server_url = "http://x"\nrequest_timeout = 86400\nmodels = []\n', "request_timeout: must be at most 300 s"),
+    ('server_url = "https://ops:s3cret@x"\nmodels = []\n', "server_url: must not carry a user or password"),
 ]
 
 
@@ -168,3 +176,11 @@ def test_shipped_example_config_is_valid(tmp_path, protected):
     cfg = load_config(path)
     assert cfg.allowed_uids == frozenset({0, 1000}) and cfg.socket.name == "verifier.sock"
     assert cfg.socket_group == group.gr_gid and cfg.max_connections_per_uid == 16
+
+
+def test_a_url_with_a_password_is_refused_without_quoting_it(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('server_url = "https://ops:s3cret@x"\nmodels = []\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "s3cret" not in err.value.message and "server_url: must not carry" in err.value.message
