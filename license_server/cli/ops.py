@@ -37,6 +37,9 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+_LIMIT_HELP = "At most this many (pages are followed)."
+
+
 # --- keys --------------------------------------------------------------------------------------
 @click.group()
 def keys() -> None:
@@ -171,7 +174,7 @@ def machines_claim(client: ApiClient, as_json: bool, code: str, ttl: str | None)
 @click.option("--customer")
 @click.option("--status", type=click.Choice(["active", "inactive"]))
 @click.option("--label", help="key or key=value")
-@click.option("--limit", type=int, default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help=_LIMIT_HELP + " Default: all.")
 @rest_options
 def machines_list(client: ApiClient, as_json: bool, customer: str | None, status: str | None, label: str | None,
                   limit: int | None) -> None:
@@ -298,18 +301,18 @@ def licenses() -> None:
               help="Family rule: every version (default); up to --max-version; released before the license "
                    "expires, and those kept after it does.")
 @click.option("--max-version", help="The last version --versions max covers (dotted numbers).")
-@click.option("--seats", type=int, help="With --customer: how many machines at once.")
+@click.option("--seats", type=click.IntRange(min=1), help="With --customer: how many machines at once.")
 @click.option("--floating", is_flag=True, help="Seats are leases: a machine that stops renewing loses its seat.")
 @click.option("--lease", "lease_ttl", help="Lease length: 600, 30m, 1h (floating default: the token ttl; "
               "with plain seats it adds a heartbeat).")
 @click.option("--revive", "revive_ttl", help="How long a lapsed lease keeps its seat for its machine "
               "(default: the lease length).")
 @click.option("--airgap-ttl", help="Token life of air-gapped activations (activate-offline): 30d, 90d.")
-@click.option("--days", type=int)
-@click.option("--expires-at", type=int, help="Unix seconds.")
-@click.option("--not-before", type=int, help="Unix seconds.")
-@click.option("--token-ttl", type=int, help="Seconds a token lives before renewal is due.")
-@click.option("--offline-grace", type=int, help="Seconds a machine may stay offline.")
+@click.option("--days", type=click.IntRange(min=1))
+@click.option("--expires-at", type=click.IntRange(min=0), help="Unix seconds.")
+@click.option("--not-before", type=click.IntRange(min=0), help="Unix seconds.")
+@click.option("--token-ttl", type=click.IntRange(min=1), help="Seconds a token lives before renewal is due.")
+@click.option("--offline-grace", type=click.IntRange(min=1), help="Seconds a machine may stay offline.")
 @click.option("--notes")
 @rest_options
 def licenses_issue(client: ApiClient, as_json: bool, floating: bool, **opts: Any) -> None:
@@ -353,7 +356,7 @@ def _seat_lines(doc: dict[str, Any], as_json: bool) -> dict[str, Any]:
 @click.option("--family")
 @click.option("--kind", type=click.Choice(["node", "seats", "floating"]))
 @click.option("--status", type=click.Choice(["active", "revoked", "expired", "pending"]))
-@click.option("--limit", type=int, default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help=_LIMIT_HELP + " Default: all.")
 @rest_options
 def licenses_list(client: ApiClient, as_json: bool, limit: int | None, **filters: Any) -> None:
     """List licenses, filtered by machine, model, customer or status."""
@@ -411,8 +414,8 @@ def licenses_revoke(client: ApiClient, as_json: bool, license_id: str, reason: s
 
 @licenses.command("extend")
 @click.argument("license_id")
-@click.option("--days", type=int)
-@click.option("--expires-at", type=int)
+@click.option("--days", type=click.IntRange(min=1))
+@click.option("--expires-at", type=click.IntRange(min=0), help="Unix seconds.")
 @rest_options
 def licenses_extend(client: ApiClient, as_json: bool, license_id: str, days: int | None,
                     expires_at: int | None) -> None:
@@ -431,8 +434,26 @@ def audit() -> None:
     """
 
 
+class _UnixTime(click.ParamType):  # type: ignore[type-arg]
+    """Unix seconds: a finite number >= 0 (click's FloatRange lets ``nan`` through)."""
+
+    name = "unix-seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of Unix seconds", param, ctx)
+        if not 0 <= seconds <= 2**33:  # also false for nan
+            self.fail(f"{value!r} is not a time (Unix seconds, 0 to 2^33)", param, ctx)
+        return seconds
+
+
+_UNIX_TIME = _UnixTime()
+
 _FILTERS = [click.option("--type", "type_"), click.option("--machine"), click.option("--license"),
-            click.option("--model"), click.option("--since", type=float), click.option("--until", type=float)]
+            click.option("--model"), click.option("--since", type=_UNIX_TIME, help="Unix seconds."),
+            click.option("--until", type=_UNIX_TIME, help="Unix seconds.")]
 
 
 def _with_filters(fn: Any) -> Any:
@@ -450,7 +471,7 @@ def _audit_params(filters: dict[str, Any]) -> dict[str, Any]:
 
 @audit.command("list")
 @_with_filters
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help=_LIMIT_HELP)
 @rest_options
 def audit_list(client: ApiClient, as_json: bool, limit: int, **filters: Any) -> None:
     """Newest first."""
@@ -717,7 +738,7 @@ def _walk_log(client: ApiClient, params: dict[str, Any], limit: int | None) -> l
 @click.option("--webhook")
 @click.option("--status", type=click.Choice(["pending", "delivered", "failed", "cancelled"]))
 @click.option("--type", "type_", help="Event type.")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help=_LIMIT_HELP)
 @rest_options
 def webhooks_deliveries(client: ApiClient, as_json: bool, webhook: str | None, status: str | None,
                         type_: str | None, limit: int) -> None:

@@ -308,3 +308,23 @@ def test_signing_rotation_publishes_endorsement_chain(license_server):
     assert all("llk_endorsement" in by_kid[k] for k in kids)
     assert set(extend_pinned(pinned, doc)) == set(by_kid)  # the chain of two rotations resolves
     assert parse_jwks(doc).keys() == by_kid.keys()  # still a plain JWKS to its old consumers
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["audit", "list", "--since", "nan"], "Invalid value for '--since': 'nan' is not a time"),
+    (["audit", "list", "--until", "-5"], "Invalid value for '--until': '-5' is not a time"),
+    (["audit", "list", "--limit", "0"], "Invalid value for '--limit': 0 is not in the range x>=1"),
+    (["webhooks", "deliveries", "--limit", "-1"], "Invalid value for '--limit': -1 is not in the range x>=1"),
+    (["machines", "list", "--limit", "0"], "Invalid value for '--limit'"),
+    (["licenses", "issue", "--machine", "LLK-x", "--model", "m", "--days", "0"], "Invalid value for '--days'"),
+    (["licenses", "issue", "--customer", "c", "--model", "m", "--seats", "0"], "Invalid value for '--seats'"),
+    (["licenses", "issue", "--machine", "LLK-x", "--model", "m", "--token-ttl", "-1"], "'--token-ttl'"),
+    (["licenses", "extend", "lic_x", "--days", "-1"], "Invalid value for '--days'"),
+])
+def test_a_bad_number_is_a_usage_error_before_any_request(args, message):
+    """Exit 2 naming the option, without asking the server (port 9: nothing listens) -- before,
+    ``webhooks deliveries --limit 0`` printed "(none)" and exit 0, and the rest were refused by the
+    server under the API's parameter names, needing a reachable server to say so."""
+    out = CliRunner().invoke(main, [*args, "--server", "http://127.0.0.1:9", "--api-key", "k"])
+    assert out.exit_code == 2 and message in out.output, out.output
+    assert "cannot reach" not in out.output
