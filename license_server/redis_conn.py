@@ -7,6 +7,7 @@ server serves again within seconds of Redis coming back, without a restart.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -173,4 +174,23 @@ def _connect(url: str, timeout: float) -> RedisClient:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("LAYERLOCK_REDIS_URL must be redis://, rediss://, unix://, redis+sentinel:// "
                           "or redis+cluster://")
-    return redis.Redis.from_url(url, **opts)
+    client = redis.Redis.from_url(url, **opts)
+    _check_options(url, client)
+    return client
+
+
+def _check_options(url: str, client: redis.Redis) -> None:
+    """What redis-py would only find at the first connection (every request a 500), or never: a
+    misspelled option (``?socket_timout=1``) and a database that is not a number (``/notadb``
+    silently meant database 0)."""
+    parsed = urlparse(url)
+    db = parsed.path.strip("/") if parsed.scheme in ("redis", "rediss") else ""
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError("the database in LAYERLOCK_REDIS_URL (its path) must be a number")
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
+    except TypeError as exc:
+        name = re.search(r"argument '(\w+)'", str(exc))
+        raise ConfigError("LAYERLOCK_REDIS_URL has an option redis-py does not know"
+                          + (f": {name.group(1)!r}" if name else "")) from None
