@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -20,7 +21,7 @@ from layerlock.shared.errors import ConfigError
 
 DEFAULT_DATA_DIR = "/var/lib/layerlock"
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL")
 #: Longest enrollment claim ops may ask for: long enough to reach the host, short enough to go stale.
 MAX_CLAIM_TTL = 30 * 86_400
 
@@ -116,7 +117,7 @@ class ServerConfig:
             values.update(doc)
         for f in fields(cls):
             name = f"LAYERLOCK_{f.name.upper()}"
-            if name in env:
+            if env.get(name, "").strip():  # empty (VAR= in a unit or template) means "the default"
                 values[f.name] = env[name]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls()._with(values)
@@ -183,18 +184,18 @@ def _coerce(name: str, default: Any, raw: Any) -> Any:
     if isinstance(default, int):
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
-        if text is not None and text.lstrip("-").isascii() and text.lstrip("-").isdigit():
+        if text is not None and re.fullmatch(r"[+-]?[0-9]+", text):
             return int(text)
         raise ConfigError(f"setting {name!r} must be a whole number")
     if isinstance(default, float):
         value: float | None = None
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            value = float(raw)
-        elif text is not None:
-            try:
+        try:
+            if isinstance(raw, int | float) and not isinstance(raw, bool):
+                value = float(raw)
+            elif text is not None:
                 value = float(text)
-            except ValueError:
-                value = None
+        except (ValueError, OverflowError):  # (a TOML integer of 400 digits overflows a float)
+            value = None
         if value is None or not math.isfinite(value):
             raise ConfigError(f"setting {name!r} must be a finite number")
         return value

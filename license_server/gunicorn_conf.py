@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -71,12 +72,13 @@ def _refuse(problem: str) -> NoReturn:
 
 def _bind(raw: str) -> str:
     """``LAYERLOCK_BIND`` checked here: gunicorn takes an empty one as "listen nowhere" and
-    reports a bad port only after the master's hooks have started the embedded Redis."""
-    if raw.startswith(("unix:", "fd://")) and len(raw) > 5:
+    reports a bad address only after the master's hooks have started the embedded Redis."""
+    if re.fullmatch(r"unix:.+|fd://\d+", raw):
         return raw
-    host, sep, port = raw.rpartition(":")
-    if not (sep and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        _refuse("LAYERLOCK_BIND must be host:port (port 1-65535) or unix:/path")
+    address = raw.removeprefix("tcp://")
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d+)", address)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        _refuse("LAYERLOCK_BIND must be host:port (port 1-65535; an IPv6 host in brackets) or unix:/path")
     return raw
 
 
@@ -299,7 +301,10 @@ def _checked_config(server: Any) -> ServerConfig:
 #: ``LAYERLOCK_*`` names that are read, but are not :class:`ServerConfig` fields.
 _OTHER_NAMES = frozenset({"LAYERLOCK_CONFIG", "LAYERLOCK_BIND", "LAYERLOCK_WORKERS", "LAYERLOCK_THREADS",
                           "LAYERLOCK_API_KEY", "LAYERLOCK_SERVER", "LAYERLOCK_BACKGROUND_PARENT",
-                          "LAYERLOCK_VERIFIER_CONFIG", "LAYERLOCK_SOCKET"})
+                          "LAYERLOCK_VERIFIER_CONFIG", "LAYERLOCK_SOCKET",
+                          # the demo's and the test suite's own
+                          "LAYERLOCK_ENCODER_TOKENIZER", "LAYERLOCK_ENCODER_HEADS", "LAYERLOCK_ENCODER_TINY",
+                          "LAYERLOCK_TEST_REDIS", "LAYERLOCK_SCREENSHOTS"})
 
 
 def _unknown_settings(env: Any, config_type: Any) -> list[tuple[str, str | None]]:
@@ -325,23 +330,30 @@ def on_starting(server: Any) -> None:
         server.log.warning("gunicorn is bound to %s: do not expose it directly (slow clients hold its threads); "
                            "put nginx in front (deploy/nginx-tls.conf) and bind to 127.0.0.1", ", ".join(exposed))
     cfg = _checked_config(server)
+    from layerlock.license_server.embedded_redis import EmbeddedRedis, find_redis_server
     from layerlock.shared.errors import ConfigError
+    from layerlock.shared.keys import ensure_private_dir
 
+    # What waiting cannot fix is exit 2 (no restart): no redis-server binary, a data dir this user
+    # may not write or that is a file.  What it can (an embedded Redis still replaying a large AOF
+    # after a reboot, a full disk) stays an error that systemd restarts.
     try:
+        if not cfg.redis_url and find_redis_server() is None:
+            raise ConfigError("redis-server is not on PATH: install it (apt install redis-server, or "
+                              "`make redis`) or set LAYERLOCK_REDIS_URL to an existing Redis")
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             prom = cfg.data_dir / "prometheus"
             shutil.rmtree(prom, ignore_errors=True)
             prom.mkdir(parents=True, mode=0o700)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
         if not cfg.redis_url:
-            from layerlock.license_server.embedded_redis import EmbeddedRedis
-
-            _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
-            os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()
-    except (ConfigError, OSError) as err:  # no redis-server on PATH, a data dir it cannot write
+            ensure_private_dir(cfg.data_dir / "redis")
+    except (ConfigError, PermissionError, FileExistsError, NotADirectoryError) as err:
         server.log.error("configuration error, not starting: %s", err)
         raise SystemExit(CONFIG_ERROR_EXIT) from None
-    if _embedded is not None:
+    if not cfg.redis_url:
+        _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
+        os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()
         server.log.info("embedded redis-server started on %s", _embedded.socket)
         _embedded.supervise(server.log, _give_up_on_redis)
     if cfg.background:  # webhook deliveries and lease culling (license_server/background.py)

@@ -68,7 +68,7 @@ class SuitePolicy:
                               f"(allowed: {', '.join(sorted(allowed))})")
         if "require" in node and not isinstance(node["require"], bool):
             raise ConfigError(f"suite policy: 'require' at {where} must be true or false")
-        if "suite" in node and node["suite"] not in SUITES:
+        if "suite" in node and not (isinstance(node["suite"], str) and node["suite"] in SUITES):
             raise ConfigError(f"suite policy names an unknown suite {node['suite']!r} at {where}")
         if child is None:
             return
@@ -77,7 +77,7 @@ class SuitePolicy:
             raise ConfigError(f"suite policy: {child!r} at {where} must be a table/object")
         for name, sub in branches.items():
             if child == "os":
-                if sub not in SUITES:
+                if not (isinstance(sub, str) and sub in SUITES):
                     raise ConfigError(f"suite policy names an unknown suite {sub!r} for os {name!r} at {where}")
             else:
                 self._check(sub, f"{child} {name!r}" if level == 0 else f"{where} / {child} {name!r}", level + 1)

@@ -191,6 +191,9 @@ def _check_options(url: str, client: redis.Redis) -> None:
     try:
         pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
     except TypeError as exc:
-        name = re.search(r"argument '(\w+)'", str(exc))
+        # Named only when the URL has no credentials: a password with an unencoded '?' puts its
+        # own tail here as an "option".
+        name = re.search(r"argument '(\w+)'", str(exc)) if "@" not in url else None
         raise ConfigError("LAYERLOCK_REDIS_URL has an option redis-py does not know"
-                          + (f": {name.group(1)!r}" if name else "")) from None
+                          + (f": {name.group(1)!r}" if name else " (or a password with '?' not percent-encoded)")) \
+            from None

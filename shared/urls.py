@@ -19,4 +19,7 @@ def shown(url: str) -> str:
         return "<unparsable URL>"
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
-    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
+    if not parts.netloc and "@" in url:  # no scheme://: user:pw@host would pass through whole
+        return "…@" + url.rsplit("@", 1)[1].split("?")[0].split("#")[0]
+    text = urlunsplit((parts.scheme, host + port, parts.path, "", ""))
+    return text if "@" not in text else "…@" + text.rsplit("@", 1)[1]

@@ -97,6 +97,13 @@ _DURATION_MAX = {"request_timeout": 300, "retry_min": 3600, "retry_max": 86_400,
                  "leeway": 3600, "clock_tolerance": 86_400}
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a TOML integer too large for a float
+        return False
+
+
 def _typed(issues: _Issues, key: str, value: Any) -> bool:
     types, what = _TOP[key]
     if isinstance(value, bool) or not isinstance(value, types):
@@ -290,7 +297,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     for key, most in _DURATION_MAX.items():
         if key in typed:
             value = typed[key]
-            if not math.isfinite(value):  # TOML has nan and inf; nan compares false to everything
+            if not _finite(value):  # TOML has nan and inf; nan compares false to everything
                 issues.add(key, "must be a finite number of seconds")
             elif value < 0 or (value == 0 and key != "leeway"):
                 issues.add(key, "must be positive")

@@ -60,8 +60,9 @@ def gunicorn_config() -> str:
 @click.command()
 @_DATA_DIR
 @click.option("--bind", default="127.0.0.1:8700", show_default=True, help="host:port (or unix:/path).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="gunicorn workers (default 2 × CPUs, max 8).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per worker (default 4).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="gunicorn workers (default 2 × CPUs, at most 8).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads per worker (default 4).")
 @click.option("--redis-url", envvar="LAYERLOCK_REDIS_URL", default="",
               help="Existing Redis (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://). "
                    "Unset: embedded.")

@@ -123,7 +123,7 @@ def _sink(intake_key: Path | None, register: str | None, api_key: str | None, da
         where[result.source] = f"sealed in {path}"
         if registrar is not None:
             registrar.register(result, doc, (name if not is_dir and name else result.source.stem), version)
-            where[result.source] = f"registered at {registrar.url} (copy sealed in {path})"
+            where[result.source] = f"registered at {shown(registrar.url)} (copy sealed in {path})"
     return sealed, where
 
 

@@ -216,12 +216,14 @@ def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_pa
     ({"LAYERLOCK_WORKERS": "two"}, None, "LAYERLOCK_WORKERS must be a whole number between 1 and 256"),
     ({"LAYERLOCK_THREADS": "0"}, None, "LAYERLOCK_THREADS must be a whole number between 1 and 256"),
     ({"LAYERLOCK_WORKERS": "\u00b2"}, None, "LAYERLOCK_WORKERS must be a whole number between 1 and 256"),
-    ({}, "127.0.0.1:99999", "LAYERLOCK_BIND must be host:port (port 1-65535) or unix:/path"),
-    ({}, "", "LAYERLOCK_BIND must be host:port (port 1-65535) or unix:/path"),  # was: listen nowhere
+    ({}, "127.0.0.1:99999", "LAYERLOCK_BIND must be host:port (port 1-65535; an IPv6 host in brackets)"),
+    ({}, "", "LAYERLOCK_BIND must be host:port"),  # was: listen nowhere
+    ({}, "::1:8700", "LAYERLOCK_BIND must be host:port"),  # was: refused by gunicorn after Redis started
+    ({}, "h:8700:9", "LAYERLOCK_BIND must be host:port"),  # was: port 8700, silently
     ({"LAYERLOCK_BACKGROUND": "ture"}, None, "setting 'background' must be true or false (1/0, yes/no, on/off)"),
-    ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, None, "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, None, "log_level must be one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL, FATAL"),
     ({"LAYERLOCK_POLICY_FILE": "/nonexistent/policy.json"}, None, "cannot read suite policy /nonexistent/policy.json"),
-    ({"PATH": "/nonexistent"}, None, "redis-server"),  # the embedded Redis cannot be started
+    ({"SPOIL": "redis"}, None, "File exists"),  # the embedded Redis's dir is a file: waiting will not help
 ])
 def test_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, env, bind, cause):
     """Settings gunicorn reads and settings only the workers used to load: before, each was a
@@ -231,6 +233,8 @@ def test_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, env, bind, cau
     d = tmp_path / "srv"
     subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
                    capture_output=True, check=True)
+    if env.get("SPOIL"):
+        (d / env.pop("SPOIL")).write_text("not a directory")
     out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind",
                           f"127.0.0.1:{free_port()}" if bind is None else bind],
                          env={**_env(), **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -272,7 +276,7 @@ def test_a_misspelled_setting_is_named_in_a_warning(tmp_path, redis_server):
 def test_serve_refuses_a_worker_count_below_one(tmp_path):
     out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(tmp_path), "--workers", "0"], env=_env(),
                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "Invalid value for '--workers': 0 is not in the range x>=1" in out.stderr, out.stderr
+    assert out.returncode == 2 and "Invalid value for '--workers': 0 is not in the range 1<=x<=256" in out.stderr, out.stderr
 
 
 def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server):

@@ -32,8 +32,8 @@ def test_config_env_overrides_toml(tmp_path):
         assert ServerConfig.load({"LAYERLOCK_BACKGROUND": word}).background is value
     with pytest.raises(ConfigError, match="'background' must be true or false"):
         ServerConfig.load({"LAYERLOCK_BACKGROUND": "ture"})  # a typo is not silently "false"
-    with pytest.raises(ConfigError, match="'trust_proxy' must be true or false"):
-        ServerConfig.load({"LAYERLOCK_TRUST_PROXY": ""})
+    # empty (VAR= in a unit or a template) means the default, as for redis_url
+    assert ServerConfig.load({"LAYERLOCK_TRUST_PROXY": "", "LAYERLOCK_BACKGROUND": " "}) == ServerConfig.load({})
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 1\n")
     with pytest.raises(ConfigError):
@@ -74,6 +74,8 @@ def test_policy_can_require_the_hybrid_suite_instead_of_downgrading():
      "unknown suite 5 for os 'Ubuntu' at vendors 'Dell' / types 'x86_64'"),
     ({"vendors": {"*": {"types": {"*": {"os": {}, "require": 1}}}}}, "'require' at vendors '*' / types '*' must be"),
     ([1], "top level must be a table"),
+    ({"suite": ["X25519-SHA256-AES256GCM"]}, "unknown suite ['X25519-SHA256-AES256GCM'] at top level"),
+    ({"vendors": {"*": {"types": {"*": {"os": {"Ubuntu": {"suite": HYBRID}}}}}}}, "for os 'Ubuntu'"),
     ([], "top level must be a table"),
 ])
 def test_a_policy_of_the_wrong_shape_is_refused_by_where_it_is_wrong(tree, message):
@@ -97,14 +99,16 @@ def test_a_policy_of_the_wrong_shape_is_refused_by_where_it_is_wrong(tree, messa
     ({"LAYERLOCK_MAX_OFFLINE_GRACE": "-1"}, "max_offline_grace"),
     ({"LAYERLOCK_DEFAULT_TOKEN_TTL": "2"}, "default_token_ttl"),  # below min_lifetime
     ({"LAYERLOCK_DEFAULT_CLAIM_TTL": "-1"}, "default_claim_ttl"),
-    ({"LAYERLOCK_ISSUER": " "}, "issuer"),
-    ({"LAYERLOCK_DATA_DIR": ""}, "data_dir"),
-    ({"LAYERLOCK_WORKERS_TYPO": "1", "LAYERLOCK_MIN_LIFETIME": "1.5"}, "min_lifetime"),
+    ({"LAYERLOCK_MIN_LIFETIME": "1.5"}, "min_lifetime"),
+    ({"LAYERLOCK_CLOCK_SKEW": "--5"}, "clock_skew"),
+    ({"LAYERLOCK_REDIS_TIMEOUT": "1" + "0" * 400}, "redis_timeout"),  # overflows a float
 ])
 def test_a_setting_that_would_break_every_request_is_refused_by_name(env, setting):
     with pytest.raises(ConfigError) as err:
         ServerConfig.load(env)
     assert setting in str(err.value), str(err.value)
+    (name,) = env
+    assert ServerConfig.load({name: ""}) == ServerConfig.load({})  # that very value was the cause
 
 
 @pytest.mark.parametrize(("toml", "message"), [
@@ -114,6 +118,8 @@ def test_a_setting_that_would_break_every_request_is_refused_by_name(env, settin
     ("[server]\nrate_machine_per_min = true\n", "'rate_machine_per_min' must be a whole number"),
     ('[server]\nissuer = ["a", "b"]\n', "'issuer' must be text"),
     ("[server]\nredis_timeout = nan\n", "'redis_timeout' must be a finite number"),
+    ('[server]\nissuer = " "\n', "issuer must not be empty"),
+    ('[server]\ndata_dir = ""\n', "'data_dir' must be a non-empty path"),
 ])
 def test_a_config_file_value_of_the_wrong_type_is_refused_not_coerced(tmp_path, toml, message):
     path = tmp_path / "server.toml"

@@ -17,6 +17,8 @@ from layerlock.verifier.cli import main as verifier_main
     ("http://h:99999", "<unparsable URL>"),
     ("http://a:s3cret@h:x", "<unparsable URL>"),
     ("notaurl", "notaurl"),
+    ("ops:s3cret@127.0.0.1:9", "…@127.0.0.1:9"),  # no scheme: urlsplit sees no netloc
+    ("http:/ops:s3cret@127.0.0.1:9", "…@127.0.0.1:9"),
 ])
 def test_shown_drops_credentials_query_and_fragment(url, want):
     assert shown(url) == want

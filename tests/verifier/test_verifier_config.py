@@ -86,6 +86,7 @@ CASES = [
     ('server_url = "http://x"\nclient_timeout = inf\nmodels = []\n', "client_timeout: must be a finite number"),
     ('server_url = "http://x"\nclock_tolerance = nan\nmodels = []\n', "clock_tolerance: must be a finite"),
     ('server_url = "http://x"\nleeway = 60000\nmodels = []\n', "leeway: must be at most 3600 s"),  # ms, meant
+    ('server_url = "http://x"\nleeway = 1' + "0" * 400 + '\nmodels = []\n', "leeway: must be a finite number"),
     ('server_url = "http://x"\nrequest_timeout = 86400\nmodels = []\n', "request_timeout: must be at most 300 s"),
     ('server_url = "https://ops:s3cret@x"\nmodels = []\n', "server_url: must not carry a user or password"),
 ]
