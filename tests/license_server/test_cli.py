@@ -221,7 +221,8 @@ def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_pa
     ({}, "::1:8700", "LAYERLOCK_BIND must be host:port"),  # was: refused by gunicorn after Redis started
     ({}, "h:8700:9", "LAYERLOCK_BIND must be host:port"),  # was: port 8700, silently
     ({"LAYERLOCK_BACKGROUND": "ture"}, None, "setting 'background' must be true or false (1/0, yes/no, on/off)"),
-    ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, None, "log_level must be one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL, FATAL"),
+    ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, None,
+     "log_level must be one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL, FATAL"),
     ({"LAYERLOCK_POLICY_FILE": "/nonexistent/policy.json"}, None, "cannot read suite policy /nonexistent/policy.json"),
     ({"SPOIL": "redis"}, None, "File exists"),  # the embedded Redis's dir is a file: waiting will not help
 ])
@@ -276,7 +277,8 @@ def test_a_misspelled_setting_is_named_in_a_warning(tmp_path, redis_server):
 def test_serve_refuses_a_worker_count_below_one(tmp_path):
     out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(tmp_path), "--workers", "0"], env=_env(),
                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "Invalid value for '--workers': 0 is not in the range 1<=x<=256" in out.stderr, out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "Invalid value for '--workers': 0 is not in the range 1<=x<=256" in out.stderr, out.stderr
 
 
 def test_revoked_bootstrap_admin_key_stays_revoked_after_restart(license_server):

@@ -306,3 +306,17 @@ def test_gunicorn_warns_when_bound_beyond_loopback():
     binds = ["127.0.0.1:8700", "[::1]:8700", "localhost:8700", "unix:/run/layerlock/s.sock", "fd://3",
              "0.0.0.0:8700", "[::]:8700", "10.1.2.3:8700", "licenses.example.com:443"]
     assert _exposed(binds) == ["0.0.0.0:8700", "[::]:8700", "10.1.2.3:8700", "licenses.example.com:443"]
+
+
+def test_the_bind_is_checked_before_gunicorn_starts():
+    """Every form gunicorn accepts passes; what it would refuse after the embedded Redis started
+    (or read as something else) stops the master first, exit 2."""
+    from layerlock.license_server.gunicorn_conf import CONFIG_ERROR_EXIT, _bind
+
+    for good in ("127.0.0.1:8700", "[::1]:8700", "0.0.0.0:8700", ":8700", "localhost:1", "tcp://h:65535",
+                 "unix:/run/layerlock/s.sock", "fd://3"):
+        assert _bind(good) == good
+    for bad in ("", "8700", "h:0", "h:65536", "::1:8700", "[::1:8700", "h:8700:9", "fd://x", "unix:"):
+        with pytest.raises(SystemExit) as stopped:
+            _bind(bad)
+        assert stopped.value.code == CONFIG_ERROR_EXIT, bad
