@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ class ServerConfig:
     #: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://host:port[,host:port]/service`` or
     #: ``redis+cluster://host:port[,host:port]`` (``rediss+cluster://`` with TLS).
     #: Empty: the gunicorn master starts an embedded ``redis-server`` under ``data_dir/redis``.
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)  # may hold a password: never in a repr
     redis_timeout: float = 1.5
     #: Embedded Redis only: ``always`` (every acknowledged write is on disk) or ``everysec``.
     appendfsync: str = "everysec"

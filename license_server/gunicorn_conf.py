@@ -220,6 +220,12 @@ class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]
         return super().handle(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        from gunicorn.http.errors import InvalidHeader, InvalidHeaderName
+
+        if isinstance(exc, InvalidHeader | InvalidHeaderName):
+            # gunicorn quotes the whole bad line in its log and in the reply; a line that lost its
+            # colon ("Authorization Bearer llk_…") would put an API key in the server log
+            exc.hdr = re.split(r"[\s:]", str(exc.hdr), maxsplit=1)[0][:40] + " ..."  # (latin-1 only)
         captured = _Captured()
         super().handle_error(req, captured, addr, exc)
         try:

@@ -25,7 +25,7 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
@@ -96,7 +96,7 @@ class _Keys:
     kid: str
     published: tuple[ed25519.Ed25519PublicKey, ...]
     endorsements: dict[str, str]
-    keks: dict[str, bytes]
+    keks: dict[str, bytes] = field(repr=False)  # the key that opens every data key: never in a repr
     kek_id: str
     intake: x25519.X25519PrivateKey
     bootstrap_hash: str | None

@@ -87,7 +87,7 @@ def new_secret() -> str:
 
 
 def check_url(url: Any) -> str:
-    """An https URL, or http to a loopback host; else InvalidInput."""
+    """An https URL, or http to a loopback host, without credentials; else InvalidInput."""
     if not isinstance(url, str) or not 0 < len(url) <= 2000:
         raise InvalidInput("url must be a string of at most 2000 characters")
     try:
@@ -98,6 +98,9 @@ def check_url(url: Any) -> str:
         raise InvalidInput("url does not parse") from None
     if parts.scheme not in ("https", "http") or not host:
         raise InvalidInput("url must be https://host/… (http:// only for a loopback host)")
+    if parts.username is not None or parts.password is not None:  # it would be shown and audited
+        raise InvalidInput("url must not carry a user or password: receivers authenticate a delivery by its "
+                           "Layerlock-Signature")
     if parts.scheme == "http" and not _loopback(host):
         raise InvalidInput("plain http is allowed only for a loopback host (127.0.0.1, ::1, localhost); use https")
     return url

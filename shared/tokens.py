@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import jwt
@@ -50,7 +50,7 @@ class LicenseClaims:
     nbf: int
     exp: int
     jti: str
-    wk: str
+    wk: str = field(repr=False)  # sealed to one machine, yet no reason to print it
     suite: str
     rna: int  # renew-not-after-this: the sidecar renews at about two thirds of the token's life
 

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.numpy as stnp
@@ -145,12 +146,19 @@ class Runner:
                 args += ["--state-dir", str(self.host / "state")]
             if "--machine-id-file" not in args:
                 args += ["--machine-id-file", str(self.host / "machine-id")]
+        # `--claim -` reads the claim the way the host's admin gives it: pasted (here piped) in
+        pasted = self.placeholder("llc_…") + "\n" if _claim_from_stdin(args) else None
+        stdin: dict[str, Any] = {"input": pasted} if pasted else {"stdin": subprocess.DEVNULL}
         done = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=self.work, env=self.env, capture_output=True,
-                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+                              text=True, timeout=120, **stdin)
         assert done.returncode == 0, (f"README command {shown!r} (run as {shlex.join(args)}) exited "
                                       f"{done.returncode}:\n{done.stdout}\n{done.stderr}")
         self.printed.append(done.stdout + "\n" + done.stderr)
         self.ran.append(shown)
+
+
+def _claim_from_stdin(args: list[str]) -> bool:
+    return any(a == "--claim" and b == "-" for a, b in zip(args, args[1:], strict=False))
 
 
 def test_readme_sh_blocks_parse_into_commands():

@@ -39,6 +39,25 @@ def main() -> None:
 
 
 # --- enroll ------------------------------------------------------------------------------------
+def _claim_secret(given: str | None) -> str | None:
+    """The claim from ``--claim``: ``-`` reads it from a hidden prompt (or stdin when piped), so it
+    is never in a process list, a shell history or sudo's log -- whoever reads it there before the
+    host redeems it could bind their own keys to this machine's code."""
+    if given is None:
+        return None
+    if given != "-":
+        click.echo("warning: a claim secret on the command line is visible to other local users (ps) and "
+                   "in sudo's log until it is redeemed; next time give --claim - and paste it", err=True)
+        return given.strip()
+    if sys.stdin.isatty():
+        secret = click.prompt("claim secret (llc_…)", hide_input=True, err=True, default="", show_default=False)
+    else:
+        secret = sys.stdin.readline()
+    if not secret.strip():
+        _fail("--claim -: no claim secret was given (paste the llc_… that ops gave you)")
+    return str(secret).strip()
+
+
 @main.command()
 @click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path))
 @click.option("--server", "server_url", help="license server URL, to fetch and pin its JWKS")
@@ -50,7 +69,9 @@ def main() -> None:
               help="machine-id source (default /etc/machine-id); for tests and multi-instance demos")
 @click.option("--pq", is_flag=True, help="also create an ML-KEM-768 key for the post-quantum hybrid suite")
 @click.option("--claim", help="the single-use claim secret (llc_…) ops created with `layerlock machines add "
-              "LLK-… --claim`: binds this machine's keys at the server now (needs --server)")
+              "LLK-… --claim`: binds this machine's keys at the server now (needs --server). Give - to "
+              "paste it at a hidden prompt (or pipe it in): on the command line it is visible to other "
+              "local users and in sudo's log until it is redeemed")
 @click.option("--json", "as_json", is_flag=True)
 def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks_file: Path | None,
            machine_id_file: Path | None, pq: bool, claim: str | None, as_json: bool) -> None:
@@ -72,6 +93,7 @@ def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks
         _fail("give --server URL (fetch the server keys) or --jwks-file FILE (air-gapped)")
     if claim is not None and not server_url:
         _fail("--claim needs --server URL: the claim is redeemed at the license server")
+    claim = _claim_secret(claim)
     try:
         state = StateDir(state_dir)
         state.create()
@@ -98,7 +120,7 @@ def enroll(state_dir: Path, server_url: str | None, ca_bundle: Path | None, jwks
         state.save_machine({"machine": code, "machine_id_file": source, "enrolled_at": int(time.time()),
                             "pq": pq_pub is not None})
         if claim is not None:
-            ServerClient(str(server_url), ca_bundle=ca_bundle).enroll(enrollment_code, claim.strip())
+            ServerClient(str(server_url), ca_bundle=ca_bundle).enroll(enrollment_code, claim)
     except LayerlockError as exc:
         _fail(f"{exc.code}: {exc.message}" if claim is not None else exc)
     if as_json:

@@ -9,6 +9,7 @@ one-line reason on failure.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,8 @@ def _duration(text: str | None) -> int | None:
 def _print_claim(doc: dict[str, Any]) -> None:
     click.echo(f"claim for {doc['machine']} (single use, expires {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(doc['expires_at']))}), shown once:")  # noqa: E501
     click.echo(doc["claim"])
-    click.echo(f"on that host: sudo layerlock-verifier enroll --server URL --claim {doc['claim']}")
+    click.echo("on that host: sudo layerlock-verifier enroll --server URL --claim -   (and paste it when asked: "
+               "never on a command line, where ps and sudo's log would show it)")
 
 
 @machines.command("add")
@@ -656,7 +658,10 @@ def activate_offline(client: ApiClient, as_json: bool, request_file: Path, out: 
         raise click.ClickException(f"cannot read {request_file}: {exc}") from None
     answer = client.call("POST", "/v1/activate/offline", doc)
     try:
-        with open(out, "w" if force else "x") as fh:
+        # 0600 from the first byte: the token is sealed to the site's machine, still only its business
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+        with os.fdopen(os.open(out, flags, 0o600), "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # (--force over an older, wider file)
             fh.write(json.dumps(answer, indent=2) + "\n")
     except FileExistsError:
         raise click.ClickException(f"{out} exists (--force overwrites)") from None

@@ -30,6 +30,7 @@ from layerlock.license_server.redis_conn import RedisClient
 from layerlock.license_server.store import P, new_id, now_ms, outbox
 from layerlock.license_server.store.commit import Change, Commits, GuardFailed, until_committed
 from layerlock.shared.errors import Conflict, NotFound
+from layerlock.shared.urls import shown
 
 ALL = P + "webhooks"
 QUEUE = P + "wh:queue"
@@ -70,7 +71,7 @@ def create(commits: Commits, rec: dict[str, str], *, actor: str) -> None:
     change = Change().guard("absent", k).hset(k, rec).write("ZADD", ALL, rec["created_at"], rec["webhook_id"])
     try:
         commits.commit("webhook_created", _subscriptions(change, rec, "SADD"), actor=actor,
-                       webhook=rec["webhook_id"], url=rec["url"], events=json.loads(rec["events"]))
+                       webhook=rec["webhook_id"], url=shown(rec["url"]), events=json.loads(rec["events"]))
     except GuardFailed:
         raise Conflict("webhook id collision; retry") from None
 
@@ -114,8 +115,9 @@ def rewrap(commits: Commits, keys: Any, webhook_id: str, *, kek_id: str, actor: 
 
 
 def public_view(rec: dict[str, str]) -> dict[str, Any]:
-    """Never the secret, not even sealed."""
-    return {"webhook_id": rec["webhook_id"], "url": rec["url"], "events": json.loads(rec["events"]),
+    """Never the secret, not even sealed; the URL without its query (a token some receivers take
+    there), as the append-only audit record has it: readers and auditors see where, not how."""
+    return {"webhook_id": rec["webhook_id"], "url": shown(rec["url"]), "events": json.loads(rec["events"]),
             "description": rec.get("description", ""), "status": rec.get("status", "active"),
             "created_at": int(rec["created_at"]) // 1000}
 

@@ -154,9 +154,10 @@ def _forked_client(model: str, sock: Path, uid: int) -> dict[str, Any]:
     return json.loads(b"".join(chunks))
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``layerlock-verifier …`` as a subprocess; ``stdin``: what is typed or piped into it."""
     out = subprocess.run([PY, "-m", "verifier", *args], env=ENV, cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, input=stdin)
     if check:
         assert out.returncode == 0, out.stderr
     return out

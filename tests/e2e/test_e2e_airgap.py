@@ -34,6 +34,7 @@ def test_air_gapped_request_response_import_unlocks_and_renews(license_server, t
         # ... ops answer it wherever the server is ...
         resp = work / "resp.llt"
         ops(license_server, "activate-offline", str(req), "--out", str(resp))
+        assert resp.stat().st_mode & 0o777 == 0o600  # the token's file is the site's business only
         answer = json.loads(resp.read_text())
         assert answer["license_id"] == lic
         assert answer["expires_at"] - time.time() > 9 * 86_400  # airgap_ttl, not the hour of offline grace

@@ -48,11 +48,12 @@ def test_bare_code_plus_claim_flow_with_the_real_clis(license_server, tmp_path):
     out = cli("enroll", "--state-dir", str(intruder), "--server", license_server.url, "--machine-id-file", str(mid),
               "--claim", added["claim"], check=False)
     assert out.returncode == 1 and "claim_superseded" in out.stderr
-    # the host: enroll with the claim
+    assert "warning: a claim secret on the command line is visible" in out.stderr  # (ps, sudo's log)
     state = root / "state"
+    # the host: enroll with the claim, pasted (here piped) in -- never on its command line
     out = cli("enroll", "--state-dir", str(state), "--server", license_server.url, "--machine-id-file", str(mid),
-              "--claim", secret, "--json")
-    assert json.loads(out.stdout)["claimed"] is True
+              "--claim", "-", "--json", stdin=secret + "\n")
+    assert json.loads(out.stdout)["claimed"] is True and "warning" not in out.stderr
     assert license_server.api("GET", f"/v1/machines/{code}").json()["enrolled"] is True
     out = cli("enroll", "--state-dir", str(intruder), "--server", license_server.url, "--machine-id-file", str(mid),
               "--claim", secret, check=False)
@@ -69,6 +70,12 @@ def test_bare_code_plus_claim_flow_with_the_real_clis(license_server, tmp_path):
     finally:
         sidecar.stop()
         cleanup(sock_dir)
+
+
+def test_enroll_claim_from_stdin_must_not_be_empty(tmp_path, license_server):
+    out = cli("enroll", "--state-dir", str(tmp_path / "s"), "--server", license_server.url, "--claim", "-",
+              check=False, stdin="\n")
+    assert out.returncode == 1 and "--claim -: no claim secret was given" in out.stderr, out.stderr
 
 
 def test_enroll_claim_needs_a_server(tmp_path):

@@ -170,3 +170,13 @@ def test_model_body_cap_must_not_be_below_the_general_one():
         ServerConfig.load({"LAYERLOCK_MAX_MODEL_BODY_BYTES": "1024"})
     with pytest.raises(ConfigError):
         ServerConfig.load({"LAYERLOCK_MAX_MODEL_BODY_BYTES": "lots"})
+
+
+def test_no_repr_shows_a_redis_password_or_a_kek():
+    """A traceback with locals, a debugger or a careless log line prints reprs."""
+    import dataclasses
+
+    from layerlock.license_server.keystore import _Keys
+
+    assert "hunter2" not in repr(ServerConfig.load({"LAYERLOCK_REDIS_URL": "redis://:hunter2@h:6379"}))
+    assert not {f.name: f.repr for f in dataclasses.fields(_Keys)}["keks"]

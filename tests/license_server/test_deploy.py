@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_for
 
 DEPLOY = REPO / "deploy"
 
@@ -288,6 +289,13 @@ def test_errors_are_json_from_gunicorn_and_from_nginx(tmp_path, license_server):
         head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head and b'"error": "bad_request"' in body
     assert license_server.api("GET", "/v1/ping").status_code == 200  # and the workers carry on
+    # a header line that lost its colon: gunicorn would quote it whole, API key and all, in its log
+    with socket.create_connection(("127.0.0.1", license_server.port), timeout=5) as sock:
+        sock.sendall(b"GET /v1/machines HTTP/1.1\r\nHost: x\r\nAuthorization Bearer llk_SECRETKEY123\r\n\r\n")
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and "Authorization ..." in json.loads(body)["message"], body
+    assert wait_for(lambda: "Invalid request from" in license_server.log.read_text(), 5)
+    assert "SECRETKEY123" not in body.decode() and "SECRETKEY123" not in license_server.log.read_text()
 
     with nginx_in_front(tmp_path, license_server.port) as front:
         _json_error(front.get("/" + "a" * 9000), 414, "request_uri_too_long")  # nginx's own limit (8k)

@@ -203,12 +203,20 @@ def test_secrets_are_sealed_at_rest_shown_once_and_http_only_for_loopback(fast, 
     assert "secret" not in shown and shown["url"] == hook["url"]
     assert hook["secret"] not in json.dumps(fast.api("GET", "/v1/audit", params={"limit": 1000}).json())
     for url, ok in (("http://example.com/h", False), ("ftp://127.0.0.1/h", False),
+                    ("https://ops:pw@hooks.example.com/h", False),  # would be audited for ever, and shown
                     ("https://hooks.example.com/h", True), ("http://[::1]:9/h", True), ("http://localhost:9/h", True)):
         resp = fast.api("POST", "/v1/webhooks", {"url": url, "events": ["license.issued"]})
         assert (resp.status_code == 201) is ok, (url, resp.text)
         if ok:
             _disable(fast, resp.json())
     assert fast.api("POST", "/v1/webhooks", {"url": receiver().url, "events": ["nope"]}).status_code == 400
+    # a receiver that takes a token in the query: deliveries use it, readers and the audit never see it
+    tokened = _hook(fast, "https://hooks.example.com/in?token=QTOKEN42", ["license.issued"])
+    assert tokened["url"] == "https://hooks.example.com/in"
+    assert r.hget(store.key(tokened["webhook_id"]), "url").endswith("?token=QTOKEN42")
+    assert "QTOKEN42" not in json.dumps(fast.api("GET", "/v1/webhooks").json())
+    assert "QTOKEN42" not in json.dumps(fast.api("GET", "/v1/audit", params={"type": "webhook_created"}).json())
+    _disable(fast, tokened)
     _disable(fast, hook)
 
 
