@@ -1,6 +1,6 @@
 """Console sessions: server-side, in Redis; the browser holds only a random session id.
 
-Redis keeps ``{ll}:console:session:<sha256(id)>`` — a hash of {key_id, csrf, created, seen, flash}
+Redis keeps ``{ll}:console:session:<sha256(id)>`` — a hash of {key_id, created, seen, flash}
 — so whoever reads Redis learns no cookie that would let him in.  A session is bound to the API
 key that signed in, never to a copy of the key: every request re-reads that key's record, so
 revoking the key ends its console sessions at once and its role is always the current one.
@@ -8,8 +8,9 @@ revoking the key ends its console sessions at once and its role is always the cu
 Lifetimes: :data:`IDLE_SECONDS` since the last request (also the Redis TTL, so an abandoned
 session disappears by itself) and at most :data:`MAX_SECONDS` since sign-in.
 
-CSRF: each session has a random token that every form carries (``csrf``) and every POST must
-match (compared in constant time).  The sign-in form, which has no session yet, uses a
+CSRF: each session has a token that every form carries (``csrf``) and every POST must match
+(compared in constant time): an HMAC of the session id, so it is never stored (nor in Redis's AOF on
+disk) and tells nothing about the id it is derived from.  The sign-in form, which has no session yet, uses a
 double-submit token: a short-lived ``SameSite=Strict`` cookie that must equal the form field.
 """
 
@@ -49,12 +50,17 @@ def same(a: str | None, b: str | None) -> bool:
     return bool(a) and bool(b) and hmac.compare_digest(str(a).encode(), str(b).encode())
 
 
+def csrf_token(sid: str) -> str:
+    """The session's CSRF token: derived, not stored (see the module docstring)."""
+    return hmac.new(sid.encode(), b"layerlock console csrf v1", hashlib.sha256).hexdigest()
+
+
 def create(r: Any, key_id: str) -> str:
     """A new session for ``key_id``; returns its id (the cookie value), never stored as such."""
     sid = new_token()
     now = str(int(time.time()))
     with r.pipeline(transaction=True) as pipe:
-        pipe.hset(_key(sid), mapping={"key_id": key_id, "csrf": new_token(), "created": now, "seen": now})
+        pipe.hset(_key(sid), mapping={"key_id": key_id, "created": now, "seen": now})
         pipe.expire(_key(sid), IDLE_SECONDS)
         pipe.execute()
     return sid

@@ -67,10 +67,10 @@ def _authenticate() -> Response | None:
         sessions.destroy(svc.redis, sid)
         return _to_login("revoked")
     g.actor, g.role, g.key_name = key["id"], key.get("role", ""), key.get("name", "")
-    g.sid, g.csrf = sid, sess["csrf"]
+    g.sid, g.csrf = sid, sessions.csrf_token(sid)
     g.flash = sessions.pop_flash(svc.redis, sid, sess)
     if request.method == "POST":
-        _check_form(sess["csrf"])
+        _check_form(g.csrf)
     return None
 
 

@@ -136,6 +136,8 @@ def test_signin_sets_a_strict_secure_httponly_session_cookie_and_stores_only_its
     assert not r.exists(sessions.PREFIX + sid)
     stored = r.hgetall(sessions.PREFIX + hashlib.sha256(sid.encode()).hexdigest())
     assert stored["key_id"].startswith("key_") and server.admin_key not in json.dumps(stored)
+    # nor the CSRF token every form carries: derived from the id, stored nowhere (not in the AOF)
+    assert c.csrf() == sessions.csrf_token(sid) and c.csrf() not in json.dumps(stored) and sid not in json.dumps(stored)
     assert 0 < r.ttl(sessions.PREFIX + hashlib.sha256(sid.encode()).hexdigest()) <= sessions.IDLE_SECONDS
 
 
