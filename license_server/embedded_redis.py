@@ -103,6 +103,15 @@ def find_redis_server() -> str | None:
     return str(beside) if beside.exists() else None
 
 
+def require_redis_server() -> str:
+    """The ``redis-server`` to run, or the ConfigError that says how to get one."""
+    binary = find_redis_server()
+    if binary is None:
+        raise ConfigError("redis-server is not on PATH: install it (apt install redis-server, or "
+                          "`make redis`) or set LAYERLOCK_REDIS_URL to an existing Redis")
+    return binary
+
+
 class EmbeddedRedis:
     def __init__(self, directory: Path, appendfsync: str = "everysec") -> None:
         self.dir = directory
@@ -120,10 +129,7 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = 10.0, cancel: threading.Event | None = None) -> str:
-        binary = find_redis_server()
-        if binary is None:
-            raise ConfigError("redis-server is not on PATH: install it (apt install redis-server, or "
-                              "`make redis`) or set LAYERLOCK_REDIS_URL to an existing Redis")
+        binary = require_redis_server()
         ensure_private_dir(self.dir)
         _tighten(self.dir)
         args = [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",

@@ -278,6 +278,12 @@ def _exposed(addresses: list[str]) -> list[str]:
     return out
 
 
+def _stop(server: Any, err: Exception) -> NoReturn:
+    """The master's way of :func:`_refuse`, once its logger exists: one line, exit 2."""
+    server.log.error("configuration error, not starting: %s", err)
+    raise SystemExit(CONFIG_ERROR_EXIT) from None
+
+
 def _checked_config(server: Any) -> ServerConfig:
     """The configuration, checked once in the master before any worker forks: a bad setting, or a
     Redis URL that can never work (a bad scheme, a cluster URL naming a plain Redis, credentials
@@ -296,8 +302,7 @@ def _checked_config(server: Any) -> ServerConfig:
             if not isinstance(client, DeferredCluster):  # (that one holds no connection yet)
                 client.close()
     except ConfigError as err:
-        server.log.error("configuration error, not starting: %s", err)
-        raise SystemExit(CONFIG_ERROR_EXIT) from None
+        _stop(server, err)
     for name, guess in _unknown_settings(os.environ, ServerConfig):
         server.log.warning("%s is not a setting this server reads%s", name,
                            f" (did you mean {guess}?)" if guess else "")
@@ -336,7 +341,7 @@ def on_starting(server: Any) -> None:
         server.log.warning("gunicorn is bound to %s: do not expose it directly (slow clients hold its threads); "
                            "put nginx in front (deploy/nginx-tls.conf) and bind to 127.0.0.1", ", ".join(exposed))
     cfg = _checked_config(server)
-    from layerlock.license_server.embedded_redis import EmbeddedRedis, find_redis_server
+    from layerlock.license_server.embedded_redis import EmbeddedRedis, require_redis_server
     from layerlock.shared.errors import ConfigError
     from layerlock.shared.keys import ensure_private_dir
 
@@ -344,9 +349,8 @@ def on_starting(server: Any) -> None:
     # may not write or that is a file.  What it can (an embedded Redis still replaying a large AOF
     # after a reboot, a full disk) stays an error that systemd restarts.
     try:
-        if not cfg.redis_url and find_redis_server() is None:
-            raise ConfigError("redis-server is not on PATH: install it (apt install redis-server, or "
-                              "`make redis`) or set LAYERLOCK_REDIS_URL to an existing Redis")
+        if not cfg.redis_url:
+            require_redis_server()
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             prom = cfg.data_dir / "prometheus"
             shutil.rmtree(prom, ignore_errors=True)
@@ -355,8 +359,7 @@ def on_starting(server: Any) -> None:
         if not cfg.redis_url:
             ensure_private_dir(cfg.data_dir / "redis")
     except (ConfigError, PermissionError, FileExistsError, NotADirectoryError) as err:
-        server.log.error("configuration error, not starting: %s", err)
-        raise SystemExit(CONFIG_ERROR_EXIT) from None
+        _stop(server, err)
     if not cfg.redis_url:
         _embedded = EmbeddedRedis(cfg.data_dir / "redis", cfg.appendfsync)
         os.environ["LAYERLOCK_REDIS_URL"] = _embedded.start()

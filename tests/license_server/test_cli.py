@@ -194,22 +194,38 @@ def test_serve_with_embedded_redis_persists_and_stops_cleanly(tmp_path):
 def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_path, url, cause):
     """Checked once in the gunicorn master: before, every worker failed to boot with a traceback
     (a cluster URL naming a plain Redis even started, and answered 503 to everything)."""
-    d = tmp_path / "srv"
-    subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
-                   capture_output=True, check=True)
+    d = _initialised(tmp_path / "srv")
     plain = RedisServer(tmp_path / "plain")  # a single Redis, whatever LAYERLOCK_TEST_REDIS says
     plain.start()
     try:
-        out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind",
-                              f"127.0.0.1:{free_port()}", "--workers", "1", "--redis-url", url.format(port=plain.port)],
-                             env=_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        out = _serve(d, f"127.0.0.1:{free_port()}", "--workers", "1", "--redis-url", url.format(port=plain.port))
     finally:
         plain.stop()
+    _refused_at_start(out, cause.format(port=plain.port))
+
+
+def _initialised(d: Path) -> Path:
+    subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
+                   capture_output=True, check=True)
+    return d
+
+
+def _serve(d: Path, bind: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind", bind, *args],
+                          env={**_env(), **(env or {})}, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def _refused_at_start(out: subprocess.CompletedProcess[str], cause: str) -> None:
+    """Exit 2 and exactly one error line, naming ``cause``: no traceback, no worker ever booted."""
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [json.loads(line) for line in out.stderr.splitlines() if '"ERROR"' in line]
-    assert len(errors) == 1 and errors[0]["msg"].startswith("configuration error, not starting: ")
-    assert cause.format(port=plain.port) in errors[0]["msg"]
+    assert len(errors) == 1 and errors[0]["msg"].startswith("configuration error, not starting: "), errors
+    assert cause in errors[0]["msg"], errors
     assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
+
+
+#: (no setting at all: the test makes the data dir's ``redis`` a file instead)
+SPOILED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(("env", "bind", "cause"), [
@@ -224,26 +240,17 @@ def test_serve_with_a_redis_url_that_can_never_work_exits_2_with_one_line(tmp_pa
     ({"LAYERLOCK_LOG_LEVEL": "LOUD"}, None,
      "log_level must be one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL, FATAL"),
     ({"LAYERLOCK_POLICY_FILE": "/nonexistent/policy.json"}, None, "cannot read suite policy /nonexistent/policy.json"),
-    ({"SPOIL": "redis"}, None, "File exists"),  # the embedded Redis's dir is a file: waiting will not help
+    (SPOILED, None, "File exists"),  # the embedded Redis's dir is a file: waiting will not help
 ])
 def test_serve_with_a_bad_setting_exits_2_with_one_line(tmp_path, env, bind, cause):
     """Settings gunicorn reads and settings only the workers used to load: before, each was a
     traceback -- gunicorn's "Failed to read config file" or every worker failing to boot -- and
     exit 1 or 3, so systemd restarted it forever; a typo in a true/false setting read as false,
     and an empty bind listened nowhere."""
-    d = tmp_path / "srv"
-    subprocess.run([PYTHON, "-m", CLI, "init", "--data-dir", str(d), "--json"], env=_env(), cwd=REPO,
-                   capture_output=True, check=True)
-    if env.get("SPOIL"):
-        (d / env.pop("SPOIL")).write_text("not a directory")
-    out = subprocess.run([PYTHON, "-m", CLI, "serve", "--data-dir", str(d), "--bind",
-                          f"127.0.0.1:{free_port()}" if bind is None else bind],
-                         env={**_env(), **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2, out.stderr[-2000:]
-    errors = [json.loads(line) for line in out.stderr.splitlines() if '"ERROR"' in line]
-    assert len(errors) == 1 and errors[0]["msg"].startswith("configuration error, not starting: "), errors
-    assert cause in errors[0]["msg"], errors
-    assert "Traceback" not in out.stderr and "Booting worker" not in out.stderr
+    d = _initialised(tmp_path / "srv")
+    if env is SPOILED:
+        (d / "redis").write_text("not a directory")
+    _refused_at_start(_serve(d, f"127.0.0.1:{free_port()}" if bind is None else bind, env=env), cause)
 
 
 @pytest.mark.parametrize(("env", "cause"), [

@@ -21,6 +21,7 @@ from layerlock.license_server.config import ServerConfig
 from layerlock.license_server.keystore import KeyStore
 from layerlock.license_server.redis_conn import connect
 from layerlock.license_server.store import webhooks as store
+from layerlock.license_server.store.audit import STREAM
 from layerlock.license_server.webhooks import Worker, signature, verify
 from tests.conftest import own_stack, wait_for
 
@@ -205,10 +206,13 @@ def test_secrets_are_sealed_at_rest_shown_once_and_http_only_for_loopback(fast, 
     for url, ok in (("http://example.com/h", False), ("ftp://127.0.0.1/h", False),
                     ("https://ops:pw@hooks.example.com/h", False),  # would be audited for ever, and shown
                     ("https://hooks.example.com/h", True), ("http://[::1]:9/h", True), ("http://localhost:9/h", True)):
+        before = r.zcard(store.ALL), r.xlen(STREAM)
         resp = fast.api("POST", "/v1/webhooks", {"url": url, "events": ["license.issued"]})
         assert (resp.status_code == 201) is ok, (url, resp.text)
         if ok:
             _disable(fast, resp.json())
+        else:  # refused: 400, and nothing stored or audited
+            assert resp.status_code == 400 and (r.zcard(store.ALL), r.xlen(STREAM)) == before, resp.text
     assert fast.api("POST", "/v1/webhooks", {"url": receiver().url, "events": ["nope"]}).status_code == 400
     # a receiver that takes a token in the query: deliveries use it, readers and the audit never see it
     tokened = _hook(fast, "https://hooks.example.com/in?token=QTOKEN42", ["license.issued"])
